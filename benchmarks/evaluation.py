@@ -1,0 +1,251 @@
+"""Evaluation engine benchmark: deepmetric ``evaluate`` vs the bare GEMM bound vs PML AccuracyCalculator + faiss.
+
+Data: synthetic, shaped like the real test sets.
+* SOP-shaped: 60,502 × 512 float32, L2-normalised, 11,316 classes of 2–12 items; x = normalise(c_y + σ·ε) with
+  random unit class centres c and σ tuned so the metrics are far from 0 and 1.
+* In-Shop-shaped: 14,218 queries × 12,612 gallery items, 3,985 classes, every class in both sets.
+
+Methods (each run in a fresh subprocess; peak memory = ru_maxrss after the runs − ru_maxrss after loading the data):
+  (a) gemm        blocked S = Q_b·Gᵀ with evaluate's default block size, nothing else (the compute bound)
+  (b) deepmetric  evaluate(recall@{1,10,100,1000} (In-Shop: 1,10,20,30,40,50), r_precision, map@r)
+  (c) pml+faiss   AccuracyCalculator(k="max_bin_count", precision_at_1 / r_precision / MAP@R) + Recall@K from a
+                  faiss IndexFlatIP kNN with k = max K (+1 for the own row, removed by index)
+Reported: median wall time, b/a (target ≤ 1.15), b/c (target ≤ 0.5), peak memory beyond the embeddings
+(target ≤ 1.5 GB).
+
+Usage: python benchmarks/evaluation.py [--small] [--repeats N] [--pml-repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------ data -----
+def _class_sizes(rng: np.random.Generator, n_items: int, n_classes: int, lo: int, hi: int) -> np.ndarray:
+    """n_classes sizes in [lo, hi] summing to n_items (start at lo, add one item to random non-full classes)."""
+    if not n_classes * lo <= n_items <= n_classes * hi:
+        raise ValueError("impossible class-size constraints")
+    sizes = np.full(n_classes, lo, dtype=np.int64)
+    while (left := n_items - int(sizes.sum())) > 0:
+        open_ = np.flatnonzero(sizes < hi)
+        picks = rng.choice(open_, size=min(left, open_.shape[0]), replace=False)
+        sizes[picks] += 1
+    return sizes
+
+
+def _embed(rng: np.random.Generator, centres: np.ndarray, labels: np.ndarray, sigma: float) -> np.ndarray:
+    x = centres[labels]
+    x += sigma * rng.standard_normal(x.shape, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_sop(n_items: int, n_classes: int, dim: int, sigma: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = _class_sizes(rng, n_items, n_classes, 2, 12)
+    labels = rng.permutation(np.repeat(np.arange(n_classes, dtype=np.int64), sizes))
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return _embed(rng, centres, labels, sigma), labels
+
+
+def make_inshop(n_query: int, n_gallery: int, n_classes: int, dim: int, sigma: float, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    ql = rng.permutation(np.repeat(np.arange(n_classes), _class_sizes(rng, n_query, n_classes, 1, 12)))
+    gl = rng.permutation(np.repeat(np.arange(n_classes), _class_sizes(rng, n_gallery, n_classes, 1, 12)))
+    return _embed(rng, centres, ql, sigma), ql, _embed(rng, centres, gl, sigma), gl
+
+
+# --------------------------------------------------------------------------------------------- workers -----
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _run_gemm(q, ql, g, gl, recall_at):
+    import torch
+
+    from deepmetric.evaluation import default_chunk_size
+
+    qt = torch.from_numpy(q)
+    gt = qt if g is None else torch.from_numpy(g)
+    b = default_chunk_size(qt.shape[0], -(-gt.shape[0] // 64) * 64, 4, 256 * 2**20)
+    buf = torch.empty(b, gt.shape[0])
+    for start in range(0, qt.shape[0], b):
+        block = qt[start : start + b]
+        torch.mm(block, gt.t(), out=buf[: block.shape[0]])
+    return {}
+
+
+def _run_deepmetric(q, ql, g, gl, recall_at):
+    from deepmetric.evaluation import evaluate
+
+    return evaluate(q, ql, g, gl, metrics=("recall", "precision@1", "r_precision", "map@r"), recall_at=recall_at)
+
+
+def _run_pml(q, ql, g, gl, recall_at):
+    import faiss
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    self_mode = g is None
+    ref, ref_labels = (q, ql) if self_mode else (g, gl)
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                              k="max_bin_count")
+    out = calc.get_accuracy(torch.from_numpy(q), torch.from_numpy(ql), torch.from_numpy(ref),
+                            torch.from_numpy(ref_labels), ref_includes_query=self_mode)
+    k = max(recall_at)
+    index = faiss.IndexFlatIP(q.shape[1])
+    index.add(ref)
+    _, idx = index.search(q, k + int(self_mode))
+    if self_mode:
+        drop = idx == np.arange(q.shape[0])[:, None]
+        drop[~drop.any(axis=1), -1] = True
+        idx = idx[~drop].reshape(q.shape[0], k)
+    rel = ref_labels[idx] == ql[:, None]
+    has_rel = np.isin(ql, ref_labels) if not self_mode else np.bincount(ql)[ql] > 1
+    first = np.where(rel.any(axis=1), rel.argmax(axis=1), k)[has_rel]
+    out.update({f"recall@{kk}": float((first < kk).mean()) for kk in recall_at})
+    return {key: float(v) for key, v in out.items()}
+
+
+WORKERS = {"gemm": _run_gemm, "deepmetric": _run_deepmetric, "pml+faiss": _run_pml}
+
+
+def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> None:
+    arrays = np.load(data)
+    q, ql = arrays["q"], arrays["ql"]
+    g, gl = (arrays["g"], arrays["gl"]) if "g" in arrays else (None, None)
+    import torch  # imported before the baseline so library code is not counted as memory
+
+    import deepmetric.evaluation  # noqa: F401
+
+    if method == "pml+faiss":
+        import faiss
+        import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+    baseline = _maxrss_mb()
+    times, result = [], {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = WORKERS[method](q, ql, g, gl, recall_at)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times, "peak_extra_mb": _maxrss_mb() - baseline, "baseline_mb": baseline,
+                      "metrics": result}))
+
+
+def run_method(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--data", data, "--repeats", str(repeats),
+           "--recall-at", *map(str, recall_at)] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["median_s"] = statistics.median(res["times"])
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- main -----
+def bench_case(
+    name: str, arrays: dict, recall_at: list[int], repeats: int, pml_repeats: int, threads: int | None
+) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data.npz")
+        np.savez(data, **arrays)
+        emb_mb = sum(a.nbytes for k, a in arrays.items() if k in ("q", "g")) / 2**20
+        runs = {}
+        for method, reps in (("gemm", repeats), ("deepmetric", repeats), ("pml+faiss", pml_repeats)):
+            print(f"[{name}] {method} × {reps} ...", file=sys.stderr, flush=True)
+            runs[method] = run_method(method, data, reps, recall_at, threads)
+    a, b, c = (runs[m]["median_s"] for m in ("gemm", "deepmetric", "pml+faiss"))
+    return {
+        "case": name,
+        "shape": {k: list(v.shape) for k, v in arrays.items() if k in ("q", "g")},
+        "n_classes": int(np.unique(arrays["ql"]).shape[0]),
+        "embeddings_mb": emb_mb,
+        "recall_at": recall_at,
+        "runs": runs,
+        "ratio_b_over_a": b / a,
+        "ratio_b_over_c": b / c,
+        "targets": {"b/a<=1.15": b / a <= 1.15, "b/c<=0.5": b / c <= 0.5,
+                    "deepmetric_peak<=1.5GB": runs["deepmetric"]["peak_extra_mb"] <= 1536},
+    }
+
+
+def print_table(case: dict) -> None:
+    print(f"\n{case['case']}: {case['shape']}, {case['n_classes']} classes, embeddings {case['embeddings_mb']:.0f} MB")
+    print(f"{'method':<12} {'median s':>9} {'runs':>5} {'peak MB':>9}   metrics")
+    for method, res in case["runs"].items():
+        shown = {k: round(v, 4) for k, v in res["metrics"].items() if not k.startswith("n_")}
+        print(f"{method:<12} {res['median_s']:>9.2f} {len(res['times']):>5} {res['peak_extra_mb']:>9.0f}   {shown}")
+    print(f"b/a = {case['ratio_b_over_a']:.3f} (target ≤ 1.15)   b/c = {case['ratio_b_over_c']:.3f} (target ≤ 0.5)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="6,000-item SOP-shaped case, runs in < 1 minute")
+    p.add_argument("--repeats", type=int, default=None, help="runs of gemm and deepmetric (default 3, --small 2)")
+    p.add_argument("--pml-repeats", type=int, default=None, help="runs of PML + faiss (default 1)")
+    p.add_argument("--sigma", type=float, default=0.1, help="per-dimension noise scale of the synthetic data")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and faiss threads in every worker (default: library defaults)")
+    p.add_argument("--output", default=None)
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--recall-at", type=int, nargs="+", default=[1, 10, 100, 1000], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.data, args.repeats, args.recall_at, args.threads)
+        return
+    repeats = args.repeats or (2 if args.small else 3)
+    pml_repeats = args.pml_repeats or 1
+    scale = 10 if args.small else 1
+    x, y = make_sop(60502 // scale, 11316 // scale, 512, args.sigma)
+    cases = [bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads)]
+    del x, y
+    q, ql, g, gl = make_inshop(14218 // scale, 12612 // scale, 3985 // scale, 512, args.sigma)
+    cases.append(bench_case("inshop", {"q": q, "ql": ql, "g": g, "gl": gl}, [1, 10, 20, 30, 40, 50], repeats,
+                            pml_repeats, args.threads))
+    import torch
+
+    report = {
+        "benchmark": "evaluation",
+        "small": args.small,
+        "sigma": args.sigma,
+        "threads": args.threads,
+        "load_average_at_end": os.getloadavg(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": args.threads or torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "cases": cases,
+    }
+    for case in cases:
+        print_table(case)
+    out = Path(args.output) if args.output else RESULTS / ("evaluation_small.json" if args.small else "evaluation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Datasets (embedded KanjiGlyphs, benchmarks, folder, CSV), class-disjoint splits, samplers, transforms."""
+
+from deepmetric.data.bundle import build_benchmark_data
+from deepmetric.data.csv_dataset import CSVDataset, CSVFormatError
+from deepmetric.data.datasets import (
+    CUB200,
+    DATASETS,
+    Cars196,
+    InShop,
+    StanfordOnlineProducts,
+    build_dataset,
+)
+from deepmetric.data.folder import ImageFolderDataset
+from deepmetric.data.image_dataset import BadImageError, DatasetLayoutError, ImageListDataset, LabelledSubset
+from deepmetric.data.kanji import KanjiArchiveError, KanjiGlyphs, kanji_eval_transform, kanji_train_transform
+from deepmetric.data.splits import class_disjoint_split, indices_of_classes, reality_check_folds
+
+__all__ = [
+    "CUB200",
+    "DATASETS",
+    "BadImageError",
+    "CSVDataset",
+    "CSVFormatError",
+    "Cars196",
+    "DatasetLayoutError",
+    "ImageFolderDataset",
+    "ImageListDataset",
+    "InShop",
+    "KanjiArchiveError",
+    "KanjiGlyphs",
+    "LabelledSubset",
+    "StanfordOnlineProducts",
+    "build_benchmark_data",
+    "build_dataset",
+    "class_disjoint_split",
+    "indices_of_classes",
+    "kanji_eval_transform",
+    "kanji_train_transform",
+    "reality_check_folds",
+]

@@ -1,0 +1,224 @@
+"""Image preprocessing presets of the seed repositories (methods.md §1.2), built on torchvision.transforms.v2.
+
+Each preset fixes the geometry (pre-resize, RandomResizedCrop size/scale/ratio, eval resize + centre crop,
+interpolation); the colour convention follows the backbone:
+
+* ``bninception`` (Caffe port, Cadene weights): RGB→BGR, ×255, minus [104, 117, 128], std 1
+  (:class:`BNInceptionPreprocess`). The ``das`` preset reproduces DAS's slightly different normalisation
+  (std 0.0039 ≠ 1/255) with :class:`DASBNInceptionNormalize`.
+* ``imagenet`` (torchvision / timm weights): RGB in [0, 1], ImageNet mean/std.
+* ``none``: tensor in [0, 1], nothing else.
+
+=============  ======================  ======================================  ====================  =========
+preset         train pre-resize        RandomResizedCrop (size, scale, ratio)  eval                  interp.
+=============  ======================  ======================================  ====================  =========
+deep_metric    shorter side 256        227, (0.16, 1), (3/4, 4/3)              256 → crop 227        bilinear
+ms             shorter side 256        227, (0.16, 1), (3/4, 4/3)              256 → crop 227        bilinear
+xbm            shorter side 256        224, (0.2, 1), (3/4, 4/3)               256 → crop 224        bilinear
+proxy_anchor   none (raw image)        224, (0.08, 1), (3/4, 4/3)              256 → crop 224        bilinear
+mdr            256×256                 224, (0.16, 1), (0.75, 1.33)            256×256 → crop 224    lanczos
+iaa            as mdr; CUB: none       224, (0.16, 1), (0.75, 1.33)            mdr; CUB: 256 → 224   lanczos
+das            none (raw image)        224 (227 for googlenet), (0.08, 1)      256 → crop 224 (227)  bilinear
+reality_check  shorter side 256        227, (0.16, 1), (0.75, 1.33)            256 → crop 227        bilinear
+=============  ======================  ======================================  ====================  =========
+
+All presets flip horizontally with p = 0.5 after the crop. Transforms take a PIL image (LANCZOS needs PIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BNINCEPTION_BGR_MEAN = (104.0, 117.0, 128.0)
+CONVENTIONS = ("bninception", "imagenet", "none")
+
+# Backbones whose published weights expect the Caffe BGR/0–255 input; everything else is ImageNet RGB.
+_BGR_BACKBONES = {"bninception", "bn_inception"}
+_NO_NORMALIZATION = {"kanji_cnn"}
+
+
+class BNInceptionPreprocess(nn.Module):
+    """RGB image (C, H, W) or (B, C, H, W) → BGR in 0–255 minus the Caffe mean [104, 117, 128], float32.
+
+    Float input is taken to be in [0, 1] (×255); uint8 input is used as is, which keeps the result exact
+    (the presets feed uint8, so a constant RGB image (128, 117, 104) maps exactly to zeros).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(BNINCEPTION_BGR_MEAN).view(3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3 or x.shape[-3] != 3:
+            raise ValueError(
+                f"BNInceptionPreprocess expects 3 channels at dim -3, got shape {tuple(x.shape)}"
+            )
+        x = x.to(torch.float32) if not x.is_floating_point() else x * 255.0
+        return x.flip(-3) - self.mean.to(x.dtype)
+
+
+class DASBNInceptionNormalize(nn.Module):
+    """DAS/Revisiting's BN-Inception input: Normalize(mean=[.502,.4588,.4078], std=.0039) on RGB, then BGR.
+
+    1/0.0039 = 256.4, so inputs are 0.55 % larger than :class:`BNInceptionPreprocess`; kept for exact
+    reproduction of the DAS tables.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.502, 0.4588, 0.4078]).view(3, 1, 1), persistent=False)
+        self.std = 0.0039
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ((x - self.mean.to(x.dtype)) / self.std).flip(-3)
+
+
+def input_convention(backbone: str | None) -> str:
+    """The colour convention (``bninception``/``imagenet``/``none``) for a backbone or convention name."""
+    if backbone is None:
+        return "imagenet"
+    if backbone in CONVENTIONS:
+        return backbone
+    if backbone in _BGR_BACKBONES:
+        return "bninception"
+    if backbone in _NO_NORMALIZATION:
+        return "none"
+    return "imagenet"
+
+
+def normalization(convention: str, preset: str | None = None) -> nn.Module:
+    """Tensor-to-network-input step for a colour convention (the ``das`` preset has its own BGR variant)."""
+    if convention == "bninception":
+        return DASBNInceptionNormalize() if preset == "das" else BNInceptionPreprocess()
+    if convention == "imagenet":
+        return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if convention == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown input convention {convention!r}; expected one of {CONVENTIONS}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Spatial part of a preset. ``pre_resize``: int = shorter side, pair = exact (h, w), None = raw image."""
+
+    pre_resize: int | tuple[int, int] | None
+    crop: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    eval_resize: int | tuple[int, int]
+    eval_crop: int
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+
+_DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_LANCZOS = InterpolationMode.LANCZOS
+PRESETS: dict[str, Geometry] = {
+    "deep_metric": Geometry(256, 227, (0.16, 1.0), _DEFAULT_RATIO, 256, 227),
+    "ms": Geometry(256, 227, (0.16, 1.0), _DEFAULT_RATIO, 256, 227),
+    "xbm": Geometry(256, 224, (0.2, 1.0), _DEFAULT_RATIO, 256, 224),
+    "proxy_anchor": Geometry(None, 224, (0.08, 1.0), _DEFAULT_RATIO, 256, 224),
+    "mdr": Geometry((256, 256), 224, (0.16, 1.0), (0.75, 1.33), (256, 256), 224, _LANCZOS),
+    "iaa": Geometry((256, 256), 224, (0.16, 1.0), (0.75, 1.33), (256, 256), 224, _LANCZOS),
+    "das": Geometry(None, 224, (0.08, 1.0), _DEFAULT_RATIO, 256, 224),
+    "reality_check": Geometry(256, 227, (0.16, 1.0), (0.75, 1.33), 256, 227),
+}
+
+
+def preset_geometry(preset: str, backbone: str | None = None, dataset: str | None = None) -> Geometry:
+    """The geometry of ``preset`` after its dataset/backbone special cases (IAA on CUB, DAS with GoogLeNet)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown transform preset {preset!r}; known: {sorted(PRESETS)}")
+    g = PRESETS[preset]
+    if preset == "iaa" and dataset == "cub200":
+        # IAA's CUB branch: RRC on the raw image, eval resizes the shorter side only.
+        g = Geometry(None, g.crop, g.scale, g.ratio, 256, 224, g.interpolation)
+    if preset == "das" and backbone is not None and "googlenet" in backbone:
+        g = Geometry(g.pre_resize, 227, g.scale, g.ratio, g.eval_resize, 227, g.interpolation)
+    return g
+
+
+def _to_input(convention: str, preset: str) -> list[Any]:
+    norm = normalization(convention, preset)
+    if isinstance(norm, BNInceptionPreprocess):
+        return [T.ToImage(), norm]  # from uint8 directly: exact integers, no 1/255 round trip
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), norm]
+
+
+def train_transform(
+    preset: str, backbone: str | None = "bninception", dataset: str | None = None
+) -> T.Compose:
+    """Training augmentation of ``preset`` for ``backbone`` (a backbone or convention name)."""
+    g = preset_geometry(preset, backbone, dataset)
+    steps: list[Any] = []
+    if g.pre_resize is not None:
+        steps.append(T.Resize(g.pre_resize, interpolation=g.interpolation))
+    steps += [
+        T.RandomResizedCrop(g.crop, scale=g.scale, ratio=g.ratio, interpolation=g.interpolation),
+        T.RandomHorizontalFlip(0.5),
+    ]
+    return T.Compose(steps + _to_input(input_convention(backbone), preset))
+
+
+def eval_transform(
+    preset: str, backbone: str | None = "bninception", dataset: str | None = None
+) -> T.Compose:
+    """Deterministic evaluation transform of ``preset`` (resize → centre crop → network input)."""
+    g = preset_geometry(preset, backbone, dataset)
+    steps: list[Any] = [T.Resize(g.eval_resize, interpolation=g.interpolation), T.CenterCrop(g.eval_crop)]
+    return T.Compose(steps + _to_input(input_convention(backbone), preset))
+
+
+def build_transforms(
+    preset: str, backbone_convention: str | None = "bninception", dataset: str | None = None
+) -> tuple[T.Compose, T.Compose]:
+    """``(train_transform, eval_transform)`` of a preset; ``backbone_convention``: backbone or convention name."""
+    return (
+        train_transform(preset, backbone_convention, dataset),
+        eval_transform(preset, backbone_convention, dataset),
+    )
+
+
+TransformFactory = Callable[..., Callable[[Any], Any]]
+
+
+# Colour convention used when a registry factory is called without a backbone: the seed repo's default.
+PRESET_DEFAULT_CONVENTION = {preset: "bninception" for preset in PRESETS} | {"xbm": "imagenet"}
+
+
+def _factory(preset: str, train: bool) -> TransformFactory:
+    def make(backbone: str | None = None, dataset: str | None = None) -> Callable[[Any], Any]:
+        backbone = PRESET_DEFAULT_CONVENTION[preset] if backbone is None else backbone
+        return (train_transform if train else eval_transform)(preset, backbone, dataset)
+
+    make.__name__ = f"{preset}_{'train' if train else 'eval'}"
+    make.__doc__ = f"{'Training' if train else 'Evaluation'} transform of the {preset!r} preset."
+    return make
+
+
+# name → factory(backbone=None, dataset=None) → transform; pass the model's backbone name so that the colour
+# convention follows it (without one, the preset's repo default above). Other modules add entries
+# (e.g. "kanji_train").
+TRANSFORMS: dict[str, TransformFactory] = {
+    f"{preset}_{kind}": _factory(preset, kind == "train") for preset in PRESETS for kind in ("train", "eval")
+}
+
+
+def get_transform(name: str, backbone: str | None = None, dataset: str | None = None) -> Any:
+    """Look up ``TRANSFORMS[name]`` and build it; unknown names list what exists."""
+    if name not in TRANSFORMS and name.startswith("kanji"):
+        try:  # the embedded dataset's module may register its own transforms when imported
+            import deepmetric.data.kanji  # noqa: F401
+        except ImportError:
+            pass
+    if name not in TRANSFORMS:
+        raise KeyError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name](backbone=backbone, dataset=dataset)

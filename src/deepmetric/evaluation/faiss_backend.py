@@ -1,0 +1,131 @@
+"""Optional faiss backend: exact flat search (IndexFlatIP / IndexFlatL2) or approximate IVF / HNSW.
+
+The neighbour lists come from faiss; the metrics are the same list formulas as the torch backend
+(:mod:`.metrics`). The list length is k = max(max_q R_q, max K) so every requested metric is exact for the flat
+index (tie order among exactly equal scores is faiss's, not the library's stable order). Self-retrieval searches
+k + 1 neighbours and removes the column whose index equals the query's own row (duplicate-safe); when the own row is
+not returned (ties with duplicates) the last column is dropped. Approximate indexes additionally report
+``ann_recall@k`` = mean over a query sample of |ANN top-k ∩ exact top-k| / k, with k = max(recall_at)
+(or the list length when no Recall@K is requested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deepmetric.evaluation import metrics as M
+from deepmetric.evaluation.knn import stable_topk
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the faiss evaluation backends need the optional 'faiss' extra: pip install deepmetric[faiss] "
+            "(or pip install faiss-cpu)"
+        ) from err
+    return faiss
+
+
+def _build_index(faiss: Any, g: np.ndarray, distance: str, backend: str, params: dict[str, Any]) -> Any:
+    d = g.shape[1]
+    inner = distance != "euclidean"
+    metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+    if backend == "faiss":
+        index = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+    elif backend == "faiss-ivf":
+        # faiss wants ≥ 39 training points per list
+        nlist = int(params.get("nlist", max(1, min(int(4 * math.sqrt(g.shape[0])), g.shape[0] // 39))))
+        quantizer = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
+        index.train(g)
+        index.nprobe = int(params.get("nprobe", min(nlist, max(8, nlist // 8))))
+    elif backend == "faiss-hnsw":
+        index = faiss.IndexHNSWFlat(d, int(params.get("hnsw_m", 32)), metric)
+        index.hnsw.efConstruction = int(params.get("ef_construction", 80))
+        index.hnsw.efSearch = int(params.get("ef_search", 128))
+    else:
+        raise ValueError(f"unknown faiss backend {backend!r}")
+    index.add(g)
+    return index
+
+
+def faiss_search(
+    q: Tensor, g: Tensor, k: int, distance: str, backend: str = "faiss", params: dict[str, Any] | None = None,
+    self_mode: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(scores, indices) of the k nearest gallery items per query, higher score = closer, own row removed."""
+    faiss = import_faiss()
+    if distance == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+    qn = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
+    gn = qn if self_mode else np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32)
+    index = _build_index(faiss, gn, distance, backend, params or {})
+    extra = int(self_mode)
+    dist, idx = index.search(qn, k + extra)
+    scores = torch.from_numpy(dist if distance != "euclidean" else -dist)
+    idx = torch.from_numpy(idx).to(torch.int64)
+    if self_mode:
+        drop = idx == torch.arange(idx.shape[0]).unsqueeze(1)
+        drop[~drop.any(dim=1), -1] = True
+        keep = ~drop
+        # a query can appear at most once in its own list, so each row keeps exactly k entries
+        scores, idx = scores[keep].view(-1, k), idx[keep].view(-1, k)
+    return scores.to(q.device), idx.to(q.device)
+
+
+@torch.no_grad()
+def faiss_pass(
+    q: Tensor, g: Tensor, gl: Tensor, ql: Tensor, r: Tensor, self_mode: bool, retrieval: list[str],
+    ks: list[int], distance: str, backend: str, params: dict[str, Any], progress: bool,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per-query metric values from faiss neighbour lists (same keys as the torch pass) and extra results."""
+    n_candidates = g.shape[0] - int(self_mode)
+    want_r = "r_precision" in retrieval or "map@r" in retrieval
+    k = max(int(r.max()) if want_r else 1, ks[-1] if ks else 1)
+    k = min(k, n_candidates)
+    _, idx = faiss_search(q, g, k, distance, backend, params, self_mode)
+    valid = idx >= 0  # approximate indexes pad short lists with −1
+    rel = (gl[idx.clamp_min(0)] == ql.unsqueeze(1)) & valid
+    found, pos = M.first_relevant_position(rel)
+    out: dict[str, Tensor] = {"first_rank": torch.where(found, pos, torch.full_like(pos, k))}
+    if "precision@1" in retrieval:
+        out["precision@1"] = rel[:, 0].to(torch.float64)
+    if want_r:
+        out["r_precision"], out["map@r"] = M.r_metrics(rel, r)
+    extra: dict[str, float] = {}
+    if backend != "faiss":
+        k_ann = ks[-1] if ks else k
+        extra.update(_ann_recall(q, g, idx[:, :k_ann], k_ann, distance, self_mode, int(params.get("ann_sample", 1000))))
+    return out, extra
+
+
+def _ann_recall(
+    q: Tensor, g: Tensor, ann_idx: Tensor, k: int, distance: str, self_mode: bool, sample: int
+) -> dict[str, float]:
+    """Mean |ANN top-k ∩ exact top-k| / k on an evenly spaced sample of queries (exact = torch stable top-k)."""
+    n_q, n_g = q.shape[0], g.shape[0]
+    rows = torch.linspace(0, n_q - 1, min(sample, n_q)).round().long().unique().to(q.device)
+    if distance == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+    bias = -(g * g).sum(1) if distance == "euclidean" else None
+    block = max(1, (64 * 2**20) // (4 * n_g))
+    hits = 0
+    for start in range(0, rows.shape[0], block):
+        rb = rows[start : start + block]
+        s = q[rb] @ g.t() if bias is None else 2 * (q[rb] @ g.t()) + bias
+        if self_mode:
+            s[torch.arange(rb.shape[0], device=s.device), rb] = float("-inf")
+        _, exact = stable_topk(s, k)
+        # one flat membership test: offsetting each row's ids by row·n_g keeps rows apart
+        offset = torch.arange(rb.shape[0], device=s.device).unsqueeze(1) * n_g
+        ann = ann_idx[rb]
+        ann = torch.where(ann >= 0, ann + offset, torch.full_like(ann, -1))
+        hits += int(torch.isin(exact + offset, ann).sum())
+    return {f"ann_recall@{k}": hits / (rows.shape[0] * k), "ann_recall_sample": int(rows.shape[0])}

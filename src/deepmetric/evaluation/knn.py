@@ -1,0 +1,106 @@
+"""Exact, deterministic k-nearest-neighbour primitives on one block of a similarity matrix.
+
+Ranking convention (used everywhere in the evaluation package): gallery items are ordered by the key
+(−s_qj, j), i.e. by decreasing score and, among exactly equal scores, by increasing gallery index ("stable"
+ties). A score is "higher is closer": cosine / dot similarity, or for Euclidean distance the per-query monotone
+surrogate s_qj = 2⟨q, g_j⟩ − ‖g_j‖² = ‖q‖² − ‖q − g_j‖².
+
+The block top-k avoids sorting full rows: with the row split into chunks of ``width`` columns, the top-k items
+lie in the k chunks with the largest maxima (when the k-th and (k+1)-th maxima differ, every item elsewhere has k
+strictly better items), so one cheap ``amax`` pass over the block plus a top-k over k·width candidates is exact. Both stages use ``torch.topk`` for the values and resolve ties by position explicitly, so
+the result does not depend on topk's internal tie order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _topk_set(values: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """Positions (b, k) of the k largest values per row, in increasing position order, and the rows where that set
+    is ambiguous (entry k ties with entry k − 1, so which equal value belongs to the set needs a tie rule)."""
+    m = values.shape[1]
+    kk = min(k + 1, m)
+    top_v, top_p = values.topk(kk, dim=1, sorted=True)
+    ambiguous = top_v[:, k - 1] == top_v[:, k] if kk > k else None
+    return top_p[:, :k].sort(dim=1).values, ambiguous
+
+
+def _order_stable(values: Tensor, pos: Tensor) -> Tensor:
+    """Reorder ascending positions ``pos`` (b, k) by (−value, position)."""
+    order = torch.sort(values.gather(1, pos), dim=1, descending=True, stable=True).indices
+    return pos.gather(1, order)
+
+
+def _full_row_topk(values: Tensor, k: int) -> Tensor:
+    return torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def chunk_width(n: int, k: int, max_width: int = 64) -> int:
+    """Power-of-two chunk width in [16, max_width] near √(n/k), minimising the n/width chunk maxima plus the
+    k·width candidates that the second stage ranks."""
+    width = 16  # narrower chunks make the amax reduction markedly slower per element
+    while width * 2 <= max_width and (width * 2) ** 2 * k <= n:
+        width *= 2
+    return width
+
+
+def stable_topk(scores: Tensor, k: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-k of each row of ``scores`` (b, n) in the order (−score, column index).
+
+    Two stages: chunk c = columns [c·width, (c + 1)·width) (the chunk maxima are one ``amax`` pass), then the
+    k·width columns of the k best chunks. When the k-th and (k+1)-th chunk
+    maxima differ, every item outside the chosen chunks has ≥ k items strictly better than it, so the stable
+    top-k lies among the candidates. ``torch.topk`` picks values; ties are resolved by column explicitly, and rows
+    whose selection boundary is tied are ranked by a stable sort of the whole row (rare outside constructed data),
+    so the result never depends on topk's internal tie order. ``scores`` may contain −inf (excluded items).
+    Returns (values (b, k), column indices (b, k), int64).
+    """
+    b, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"stable_topk: k={k} must be in [1, {n}]")
+    if width is None:
+        width = chunk_width(n, k)
+    if k * width * 2 >= n or n % width != 0:
+        pos, ambiguous = _topk_set(scores, k)
+        pos = _order_stable(scores, pos)
+    else:
+        n_chunks = n // width
+        chunked = scores.view(b, n_chunks, width)  # contiguous chunks: a fast inner-dimension amax
+        chunks, ambiguous = _topk_set(chunked.amax(dim=2), k)
+        # one index_select of whole chunks (rows of the flattened view) is ~3× faster than an expanded gather
+        flat = chunks + torch.arange(b, device=scores.device).unsqueeze(1) * n_chunks
+        cand = chunked.reshape(b * n_chunks, width).index_select(0, flat.reshape(-1)).view(b, k * width)
+        # candidate (j, i) is column chunks[j]·width + i: increasing in candidate position
+        cand_cols = (chunks.unsqueeze(2) * width + torch.arange(width, device=scores.device)).reshape(b, k * width)
+        cpos, amb2 = _topk_set(cand, k)
+        ambiguous = amb2 if ambiguous is None else (ambiguous if amb2 is None else ambiguous | amb2)
+        pos = cand_cols.gather(1, _order_stable(cand, cpos))
+    if ambiguous is not None and bool(ambiguous.any()):
+        rows = torch.nonzero(ambiguous).squeeze(1)
+        pos[rows] = _full_row_topk(scores[rows], k)
+    return scores.gather(1, pos), pos
+
+
+def count_ranked_before(
+    scores: Tensor, rows: Tensor, thresholds: Tensor, index: Tensor | None, max_rows: int
+) -> Tensor:
+    """For each triple (row r, score t, gallery index i): #{j : s_rj > t} + #{j < i : s_rj = t}.
+
+    That is the 0-based stable rank of an item with score t at index i in row r (``index=None`` counts only
+    strictly greater scores: the "optimistic" tie policy). Rows are processed ``max_rows`` at a time so the
+    temporary copy stays within the block budget.
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.int64, device=scores.device)
+    cols = torch.arange(scores.shape[1], device=scores.device)
+    for start in range(0, rows.shape[0], max_rows):
+        sl = slice(start, start + max_rows)
+        sub = scores.index_select(0, rows[sl])
+        t = thresholds[sl].unsqueeze(1)
+        # int32 sums of bool are several times faster than the default int64 reduction on CPU
+        count = (sub > t).sum(dim=1, dtype=torch.int32).to(torch.int64)
+        if index is not None:
+            count += ((sub == t) & (cols < index[sl].unsqueeze(1))).sum(dim=1, dtype=torch.int32)
+        out[sl] = count
+    return out

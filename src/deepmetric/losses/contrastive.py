@@ -1,0 +1,118 @@
+"""Contrastive loss, distance form (Hadsell et al. 2006 / PML) and similarity form (Deep_Metric, XBM, IAA)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deepmetric.functional import cosine_similarity_matrix, pairwise_distance, zero_loss
+from deepmetric.losses.base import MetricLoss, Mined, pair_masks
+
+PairReduction = Literal["avg_nonzero", "mean", "batch", "sum"]
+
+
+def reduce_pair_terms(
+    pos_loss: Tensor, pos: Tensor, neg_loss: Tensor, neg: Tensor, reduction: str, batch_size: int,
+    *like: Tensor,
+) -> Tensor:
+    """Reduce B×R per-pair positive and negative losses (zero outside their masks).
+
+    ``avg_nonzero``: mean over pairs with loss > 0, separately for positives and negatives, then summed (PML's
+    AvgNonZeroReducer); ``mean``: mean over all selected pairs of each kind, summed (DAS); ``batch``: sum over
+    all pairs ÷ B (Deep_Metric / XBM / IAA code); ``sum``: plain sum.
+    """
+    pos_loss = pos_loss.masked_fill(~pos, 0.0)
+    neg_loss = neg_loss.masked_fill(~neg, 0.0)
+    if reduction == "batch":
+        return (pos_loss.sum() + neg_loss.sum()) / batch_size
+    if reduction == "sum":
+        return pos_loss.sum() + neg_loss.sum()
+    if reduction == "mean":
+        pos_n, neg_n = pos.sum().clamp_min(1), neg.sum().clamp_min(1)
+    elif reduction == "avg_nonzero":
+        pos_n, neg_n = (pos_loss > 0).sum().clamp_min(1), (neg_loss > 0).sum().clamp_min(1)
+    else:
+        raise ValueError(f"reduction must be one of avg_nonzero, mean, batch, sum; got {reduction!r}")
+    return pos_loss.sum() / pos_n + neg_loss.sum() / neg_n + zero_loss(*like)
+
+
+class ContrastiveLoss(MetricLoss):
+    r"""Contrastive loss over all (or mined) pairs, dense over one B×R matrix.
+
+    ``form="distance"`` (Hadsell, Chopra, LeCun, CVPR 2006, in PML's hinge form), D = ‖x̂ − ŷ‖ on L2-normalised
+    embeddings (``normalize_embeddings``):
+
+        ℓ⁺ = [D_ap − m_pos]₊,   ℓ⁻ = [m_neg − D_an]₊          defaults m_pos = 0, m_neg = 1 (PML)
+
+    ``form="similarity"`` (Deep_Metric ``losses/Contrastive.py``, XBM ``contrastive_loss.py``, IAA ``losses.py``),
+    on cosine similarities S:
+
+        ℓ⁺ = [m_pos − S_ap]₊,   ℓ⁻ = S_an·[S_an > m_neg]  (``negative_term="similarity"``, XBM/Deep_Metric)
+                                ℓ⁻ = [S_an − m_neg]₊       (``negative_term="hinge"``, IAA with m_pos 0.8)
+        defaults m_pos = 1, m_neg = 0.5 (XBM), reduction ``"batch"`` = Σ pairs / B.
+
+    Both negative terms have the same gradient; they differ in value by m_neg per hard negative.
+
+    ``reduction``: see :func:`reduce_pair_terms`; default ``"avg_nonzero"`` for the distance form (PML) and
+    ``"batch"`` for the similarity form (XBM sums over pairs and divides by B, so the value grows with the
+    number of hard pairs).
+
+    Deviations: self-pairs are removed by index (the similarity-form codes use ``S < 1 − 1e-5``, which also
+    drops exact duplicates). With :class:`MinedTriplets`, a pair used by several triplets counts once (PML
+    counts it once per triplet).
+    """
+
+    accepts_mined = True
+
+    def __init__(
+        self,
+        pos_margin: float | None = None,
+        neg_margin: float | None = None,
+        *,
+        form: Literal["distance", "similarity"] = "distance",
+        negative_term: Literal["similarity", "hinge"] = "similarity",
+        reduction: PairReduction | None = None,
+        normalize_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        if form not in ("distance", "similarity"):
+            raise ValueError(f"ContrastiveLoss.form must be 'distance' or 'similarity', got {form!r}")
+        if negative_term not in ("similarity", "hinge"):
+            raise ValueError(f"ContrastiveLoss.negative_term must be 'similarity' or 'hinge', got {negative_term!r}")
+        dist = form == "distance"
+        self.form = form
+        self.pos_margin = float(pos_margin if pos_margin is not None else (0.0 if dist else 1.0))
+        self.neg_margin = float(neg_margin if neg_margin is not None else (1.0 if dist else 0.5))
+        self.negative_term = negative_term
+        self.reduction = reduction or ("avg_nonzero" if dist else "batch")
+        if self.reduction not in ("avg_nonzero", "mean", "batch", "sum"):
+            raise ValueError(f"ContrastiveLoss.reduction must be avg_nonzero/mean/batch/sum, got {self.reduction!r}")
+        self.normalize_embeddings = normalize_embeddings
+
+    def compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, mined: Mined | None = None,
+    ) -> Tensor:
+        pos, neg = pair_masks(labels, ref_labels, ignore_mask, mined)
+        if not bool(pos.any() or neg.any()):
+            return zero_loss(embeddings, ref_embeddings)
+        if self.form == "distance":
+            d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings)
+            pos_loss = torch.relu(d - self.pos_margin)
+            neg_loss = torch.relu(self.neg_margin - d)
+        else:
+            s = cosine_similarity_matrix(embeddings, ref_embeddings)
+            pos_loss = torch.relu(self.pos_margin - s)
+            if self.negative_term == "hinge":
+                neg_loss = torch.relu(s - self.neg_margin)
+            else:
+                neg_loss = s * (s > self.neg_margin).to(s.dtype)
+        return reduce_pair_terms(
+            pos_loss, pos, neg_loss, neg, self.reduction, embeddings.shape[0], embeddings, ref_embeddings
+        )
+
+    def extra_repr(self) -> str:
+        return (f"form={self.form!r}, pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
+                f"reduction={self.reduction!r}")

@@ -1,0 +1,121 @@
+"""Lifted structure losses: original (Oh Song et al.), "modified" (Deep_Metric), "generalized" (Hermans et al.)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deepmetric.functional import cosine_similarity_matrix, masked_logsumexp, pairwise_distance, zero_loss
+from deepmetric.losses.base import MetricLoss, Mined, pair_masks
+from deepmetric.losses.multi_similarity import ms_pair_selection
+
+Variant = Literal["original", "modified", "generalized"]
+
+
+def _lse(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """log Σ_mask eˣ; empty rows give the dtype's most negative finite value (finite, so backward has no NaN)."""
+    return masked_logsumexp(x, mask, dim=dim)
+
+
+class LiftedStructureLoss(MetricLoss):
+    r"""Lifted structure loss in three published variants (``variant``).
+
+    ``"original"`` — Oh Song, Xiang, Jegelka, Savarese, "Deep Metric Learning via Lifted Structured Feature
+    Embedding", CVPR 2016 (PML ``LiftedStructureLoss``). For every positive pair (i, j), D on L2-normalised
+    embeddings:
+
+        J_ij = log(Σ_{k∈N_i} e^{m_neg − D_ik} + Σ_{l∈N_j} e^{m_neg − D_jl}) + D_ij − m_pos,
+        L = 1/(2|P|) Σ_{(i,j)∈P} [J_ij]₊²                       (mean over ordered pairs of [J]₊²/2)
+
+      Dense: the two sums are per-row log-sum-exps combined with ``logaddexp``, so no P×N list is built. N_j
+      are the negatives of j as an anchor when the reference set is the batch; with explicit references they
+      are the batch rows of another class than reference j (the column of the same B×R matrix).
+
+    ``"modified"`` — Deep_Metric ``losses/LiftedStructure.py``, on cosine similarities, no margin:
+
+        L_i = (2/β)·log Σ_{j∈P_i} e^{−β S_ij} + (2/α)·log Σ_{k∈N_i} e^{α S_ik},  L = Σ_i L_i / B,  α 40, β 2
+
+      (the value may be negative). ``mining=True`` applies the MS pair selection (ε = ``epsilon``).
+
+    ``"generalized"`` — Hermans, Beyer, Leibe, "In Defense of the Triplet Loss", 2017 (PML
+    ``GeneralizedLiftedStructureLoss``, DAS ``loss/lifted.py``):
+
+        L_i = [log Σ_{j∈P_i} e^{D_ij − m_pos} + log Σ_{k∈N_i} e^{m_neg − D_ik}]₊,  + ``l2_weight``·mean_i ‖z_i‖
+
+      DAS uses unnormalised embeddings (``normalize_embeddings=False``) and ``l2_weight=0.005``.
+
+    ``reduction`` (modified/generalized): ``"batch"`` ÷B, ``"contributing"`` ÷#anchors having both a positive
+    and a negative. Deviations from PML: an anchor (or pair) with an empty positive or negative set contributes
+    nothing (PML treats the log of an empty sum as 0); on batches where every anchor has both, values agree.
+    """
+
+    accepts_mined = True
+
+    def __init__(
+        self,
+        neg_margin: float = 1.0,
+        pos_margin: float = 0.0,
+        *,
+        variant: Variant = "original",
+        alpha: float = 40.0,
+        beta: float = 2.0,
+        mining: bool = False,
+        epsilon: float = 0.1,
+        l2_weight: float = 0.0,
+        normalize_embeddings: bool = True,
+        reduction: Literal["batch", "contributing"] = "batch",
+    ) -> None:
+        super().__init__()
+        if variant not in ("original", "modified", "generalized"):
+            raise ValueError(f"LiftedStructureLoss.variant must be original/modified/generalized, got {variant!r}")
+        if reduction not in ("batch", "contributing"):
+            raise ValueError(f"LiftedStructureLoss.reduction must be 'batch' or 'contributing', got {reduction!r}")
+        self.neg_margin, self.pos_margin, self.variant = float(neg_margin), float(pos_margin), variant
+        self.alpha, self.beta, self.mining, self.epsilon = float(alpha), float(beta), mining, float(epsilon)
+        self.l2_weight, self.normalize_embeddings, self.reduction = float(l2_weight), normalize_embeddings, reduction
+
+    def compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, mined: Mined | None = None,
+    ) -> Tensor:
+        pos, neg = pair_masks(labels, ref_labels, ignore_mask, mined)
+        if self.variant == "original":
+            return self._original(embeddings, ref_embeddings, pos, neg)
+        if self.variant == "modified":
+            s = cosine_similarity_matrix(embeddings, ref_embeddings)
+            if self.mining:
+                pos, neg = ms_pair_selection(s, pos, neg, self.epsilon)
+            per_anchor = (2.0 / self.beta) * _lse(-self.beta * s, pos, 1) + (2.0 / self.alpha) * _lse(self.alpha * s, neg, 1)
+        else:
+            d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings)
+            per_anchor = torch.relu(_lse(d - self.pos_margin, pos, 1) + _lse(self.neg_margin - d, neg, 1))
+        ok = pos.any(1) & neg.any(1)
+        reg = self.l2_weight * embeddings.norm(dim=1).mean() if self.l2_weight else None
+        if not bool(ok.any()):
+            out = zero_loss(embeddings, ref_embeddings)
+            return out if reg is None else out + reg
+        denom = embeddings.shape[0] if self.reduction == "batch" else int(ok.sum())
+        out = per_anchor.masked_fill(~ok, 0.0).sum() / denom
+        return out if reg is None else out + reg
+
+    def _original(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings)
+        if not bool(pos.any()) or not bool(neg.any()):
+            return zero_loss(embeddings, ref_embeddings)
+        margin_term = self.neg_margin - d
+        row, row_has = _lse(margin_term, neg, 1), neg.any(1)  # B: log Σ_{k∈N_i} e^{m − D_ik}
+        if ref_embeddings is embeddings:
+            col, col_has = row, row_has  # N_j = negatives of j as an anchor (same rows, same masks)
+        else:
+            col, col_has = _lse(margin_term, neg, 0), neg.any(0)  # R: batch rows that are negatives of ref j
+        both = torch.logaddexp(row.unsqueeze(1), col.unsqueeze(0))
+        j = both + d - self.pos_margin
+        # A pair with no negative on either side has J = −∞ (log of an empty sum): it contributes nothing.
+        keep = pos & (row_has.unsqueeze(1) | col_has.unsqueeze(0))
+        j = torch.where(keep, j, torch.zeros_like(j))
+        return (torch.relu(j) ** 2).sum() / (2.0 * pos.sum()) + zero_loss(embeddings, ref_embeddings)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, neg_margin={self.neg_margin}, pos_margin={self.pos_margin}"

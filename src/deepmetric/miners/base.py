@@ -1,0 +1,57 @@
+"""Miner base class: one signature, dense outputs (:class:`~deepmetric.losses.base.MinedPairs` or
+:class:`~deepmetric.losses.base.MinedTriplets`), explicit seedable random generators."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from deepmetric.functional import label_masks, resolve_reference
+from deepmetric.losses.base import Mined
+
+
+class Miner(nn.Module):
+    """``miner(embeddings, labels, ref_embeddings=None, ref_labels=None, ignore_mask=None) -> Mined``.
+
+    Same reference convention as the losses (``ref=None`` ⇒ batch vs itself, self-pairs removed by index).
+    Runs without gradient. Sampling miners draw from their own ``torch.Generator`` seeded by ``seed``
+    (one generator per device, all seeded identically), so results are reproducible and independent of the
+    global RNG; ``seed=None`` seeds from the global RNG once at construction.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def rand(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """U[0, 1) numbers from this miner's generator, in ``like``'s device and dtype."""
+        return torch.rand(shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        ignore_mask: Tensor | None = None,
+    ) -> Mined:
+        ref_e, ref_l, ignore = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
+        pos, neg = label_masks(labels, ref_l, ignore)
+        return self.mine(embeddings.detach(), ref_e.detach(), pos, neg)
+
+    def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Mined:
+        raise NotImplementedError
+
+
+def sample_one_per_row(mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Uniformly pick one True column per row using uniform noise ``u`` (B×R); returns (index, row has one)."""
+    keys = torch.where(mask, u, torch.full_like(u, -1.0))
+    return keys.argmax(1), mask.any(1)

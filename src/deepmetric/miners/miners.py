@@ -1,0 +1,168 @@
+"""Miners: multi-similarity, batch-hard, semi-hard (FaceNet) and distance-weighted sampling (Wu et al.)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deepmetric.functional import cosine_similarity_matrix, pairwise_distance
+from deepmetric.losses.base import MinedPairs, MinedTriplets
+from deepmetric.losses.multi_similarity import ms_pair_selection
+from deepmetric.miners.base import Miner, sample_one_per_row
+
+Positives = Literal["random", "all"]
+
+
+def _empty_triplets(device: torch.device) -> MinedTriplets:
+    e = torch.empty(0, dtype=torch.long, device=device)
+    return MinedTriplets(e, e.clone(), e.clone())
+
+
+def _positive_pairs(miner: Miner, pos: Tensor, d: Tensor, positives: str) -> tuple[Tensor, Tensor]:
+    """(anchor, positive) index tensors: every positive pair, or one uniformly random positive per anchor."""
+    if positives == "all":
+        a, p = torch.nonzero(pos, as_tuple=True)
+        return a, p
+    if positives != "random":
+        raise ValueError(f"positives must be 'random' or 'all', got {positives!r}")
+    idx, has = sample_one_per_row(pos, miner.rand(tuple(pos.shape), d))
+    a = torch.nonzero(has, as_tuple=True)[0]
+    return a, idx[a]
+
+
+class MultiSimilarityMiner(Miner):
+    r"""MS pair mining (Wang et al., CVPR 2019), same as PML ``MultiSimilarityMiner``, on cosine similarity:
+
+        N_i = {k : S_ik + ε > min_{j∈P_i} S_ij},   P_i = {j : S_ij − ε < max_{k∈N_i} S_ik}.
+
+    Returns :class:`MinedPairs`. Deterministic.
+    """
+
+    def __init__(self, epsilon: float = 0.1, *, seed: int | None = None) -> None:
+        super().__init__(seed=0 if seed is None else seed)  # deterministic; seed accepted for a uniform API
+        self.epsilon = float(epsilon)
+
+    def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedPairs:
+        s = cosine_similarity_matrix(embeddings, ref_embeddings)
+        p, n = ms_pair_selection(s, pos, neg, self.epsilon)
+        return MinedPairs(p, n)
+
+
+class BatchHardMiner(Miner):
+    r"""Batch-hard mining (Hermans, Beyer, Leibe 2017), as PML ``BatchHardMiner``: for every anchor with both,
+    the farthest positive and the closest negative (Euclidean on L2-normalised embeddings, or squared).
+    Returns at most B :class:`MinedTriplets`. Deterministic (ties: lowest index).
+    """
+
+    def __init__(self, *, squared: bool = False, normalize_embeddings: bool = True, seed: int | None = None) -> None:
+        super().__init__(seed=0 if seed is None else seed)  # deterministic; seed accepted for a uniform API
+        self.squared, self.normalize_embeddings = squared, normalize_embeddings
+
+    def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=self.squared)
+        hard_p = d.masked_fill(~pos, float("-inf")).argmax(1)
+        hard_n = d.masked_fill(~neg, float("inf")).argmin(1)
+        a = torch.nonzero(pos.any(1) & neg.any(1), as_tuple=True)[0]
+        return MinedTriplets(a, hard_p[a], hard_n[a])
+
+
+class SemiHardMiner(Miner):
+    r"""Semi-hard negative mining (Schroff, Kalenichenko, Philbin, FaceNet, CVPR 2015), DAS ``sampling/semihard.py``
+    semantics: for each (anchor, positive) — one uniformly random positive per anchor (``positives="random"``)
+    or every positive pair (``"all"``) — one uniformly random negative with
+
+        D_ap < D_an < D_ap + margin                       (D squared Euclidean by default, margin 0.2)
+
+    falling back to a uniformly random negative when there is none. Dense: each anchor's negative distances
+    are sorted once and the semi-hard set of a pair is a contiguous range found by ``searchsorted``, so no
+    B×P×N tensor is formed. Returns :class:`MinedTriplets` (≤ B, or ≤ #positive pairs).
+    """
+
+    def __init__(
+        self, margin: float = 0.2, *, squared: bool = True, positives: Positives = "random",
+        normalize_embeddings: bool = True, seed: int | None = None,
+    ) -> None:
+        super().__init__(seed)
+        self.margin, self.squared, self.positives = float(margin), squared, positives
+        self.normalize_embeddings = normalize_embeddings
+
+    def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=self.squared)
+        a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
+        if a.numel() == 0:
+            return _empty_triplets(d.device)
+        sorted_dn, order = torch.sort(d.masked_fill(~neg, float("inf")), dim=1)
+        n_neg = neg.sum(1)
+        d_ap = d[a, p].unsqueeze(1)
+        rows = sorted_dn[a]
+        lo = torch.searchsorted(rows, d_ap, side="right").squeeze(1)  # first negative with D_an > D_ap
+        hi = torch.searchsorted(rows, d_ap + self.margin, side="left").squeeze(1)  # first with D_an ≥ D_ap + m
+        u = self.rand((a.numel(),), d)
+        semi = hi > lo
+        start = torch.where(semi, lo, torch.zeros_like(lo))
+        width = torch.where(semi, hi - lo, n_neg[a])
+        k = start + (u * width).long().clamp_max(width - 1)
+        return MinedTriplets(a, p, order[a, k])
+
+
+def distance_weighted_probabilities(
+    dist: Tensor, negative: Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = None,
+) -> Tensor:
+    r"""Per-anchor negative sampling probabilities of distance-weighted sampling (Wu et al., ICCV 2017).
+
+    Pairwise distances of points uniform on S^{n−1} have density q(D) ∝ D^{n−2}(1 − D²/4)^{(n−3)/2}; negatives
+    are drawn ∝ 1/q(D) with D clamped to ≥ ``cutoff``:
+
+        log w = (2 − n)·log D − ((n − 3)/2)·log(1 − D²/4)
+
+    computed in log space with the row max subtracted (exp never overflows; the 1 − D²/4 factor is clamped at
+    1e-8 for D → 2). Entries that are not negatives, or with D ≥ ``nonzero_loss_cutoff`` (Wu's 1.4, applied in
+    MDR, off in MS/DAS), get 0. A row whose negatives are all cut off falls back to uniform over its negatives
+    (MDR). Rows without negatives are all zero.
+    """
+    n = float(dim)
+    dc = dist.clamp_min(cutoff)
+    log_w = (2.0 - n) * torch.log(dc) - ((n - 3.0) / 2.0) * torch.log((1.0 - 0.25 * dc * dc).clamp_min(1e-8))
+    eligible = negative if nonzero_loss_cutoff is None else negative & (dist < nonzero_loss_cutoff)
+    log_w = log_w.masked_fill(~eligible, float("-inf"))
+    row_max = log_w.amax(1, keepdim=True)
+    w = torch.exp(log_w - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+    fallback = ~eligible.any(1, keepdim=True) & negative
+    w = torch.where(fallback, torch.ones_like(w), w).masked_fill(~negative, 0.0)
+    return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+class DistanceWeightedMiner(Miner):
+    r"""Distance-weighted sampling (Wu, Manmatha, Smola, Krähenbühl, "Sampling Matters in Deep Embedding
+    Learning", ICCV 2017). For each (anchor, positive) — one uniformly random positive per anchor
+    (``positives="random"``, MS/DAS) or every positive pair (``"all"``, MDR) — one negative drawn with
+    :func:`distance_weighted_probabilities` (``cutoff`` 0.5, optional ``nonzero_loss_cutoff`` 1.4), D =
+    Euclidean distance of L2-normalised embeddings, n = ``embedding_dim`` (default: the embedding width).
+    Sampling by inverse CDF with this miner's generator. Returns :class:`MinedTriplets`.
+    """
+
+    def __init__(
+        self, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = None, *, embedding_dim: int | None = None,
+        positives: Positives = "random", seed: int | None = None,
+    ) -> None:
+        super().__init__(seed)
+        self.cutoff, self.nonzero_loss_cutoff = float(cutoff), nonzero_loss_cutoff
+        self.embedding_dim, self.positives = embedding_dim, positives
+
+    def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=True)
+        probs = distance_weighted_probabilities(
+            d, neg, self.embedding_dim or embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
+        )
+        a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
+        if a.numel() == 0:
+            return _empty_triplets(d.device)
+        cdf = torch.cumsum(probs, dim=1)
+        u = self.rand((a.numel(), 1), d) * cdf[a, -1:]
+        k = torch.searchsorted(cdf[a].contiguous(), u, side="right").squeeze(1)
+        # Guard rounding at the top end and zero-probability columns reached by ties.
+        k = k.clamp_max(d.shape[1] - 1)
+        k = torch.where(neg[a, k], k, probs[a].argmax(1))
+        return MinedTriplets(a, p, k)

@@ -1,0 +1,32 @@
+"""Backbones (BN-Inception, torchvision, timm, KanjiCNN), embedding head, pretrained-weight loading."""
+
+from deepmetric.models.backbones import (
+    BACKBONES,
+    BNInceptionBackbone,
+    TimmBackbone,
+    TorchvisionBackbone,
+    build_backbone,
+)
+from deepmetric.models.bninception import BNInception
+from deepmetric.models.factory import build_model
+from deepmetric.models.head import EmbeddingHead, EmbeddingModel, apply_bn_policy, global_pool
+from deepmetric.models.kanji_cnn import KanjiCNN
+from deepmetric.models.pretrained import PretrainedWeightsError, load_weights, resolve_imagenet_file
+
+__all__ = [
+    "BACKBONES",
+    "BNInception",
+    "BNInceptionBackbone",
+    "EmbeddingHead",
+    "EmbeddingModel",
+    "KanjiCNN",
+    "PretrainedWeightsError",
+    "TimmBackbone",
+    "TorchvisionBackbone",
+    "apply_bn_policy",
+    "build_backbone",
+    "build_model",
+    "global_pool",
+    "load_weights",
+    "resolve_imagenet_file",
+]

@@ -6,7 +6,8 @@ Data: synthetic, shaped like the real test sets.
 * In-Shop-shaped: 14,218 queries × 12,612 gallery items, 3,985 classes, every class in both sets.
 
 Methods (each run in a fresh subprocess; peak memory = ru_maxrss after the runs − ru_maxrss after loading the data):
-  (a) gemm        blocked S = Q_b·Gᵀ with evaluate's default block size, nothing else (the compute bound)
+  (a) gemm        blocked S = Q_b·Gᵀ with evaluate's default block size and padded gallery layout, nothing else
+                  (the compute bound)
   (b) deepmetric  evaluate(recall@{1,10,100,1000} (In-Shop: 1,10,20,30,40,50), r_precision, map@r)
   (c) pml+faiss   AccuracyCalculator(k="max_bin_count", precision_at_1 / r_precision / MAP@R) + Recall@K from a
                   faiss IndexFlatIP kNN with k = max K (+1 for the own row, removed by index)
@@ -84,9 +85,14 @@ def _run_gemm(q, ql, g, gl, recall_at):
     from deepmetric.evaluation import default_chunk_size
 
     qt = torch.from_numpy(q)
-    gt = qt if g is None else torch.from_numpy(g)
-    b = default_chunk_size(qt.shape[0], -(-gt.shape[0] // 64) * 64, 4, 256 * 2**20)
-    buf = torch.empty(b, gt.shape[0])
+    g_raw = qt if g is None else torch.from_numpy(g)
+    # the same layout as evaluate: gallery rows padded to a multiple of 64 (an aligned leading dimension makes
+    # sgemm markedly faster than n = 60,502), same block size, output buffer reused
+    n_pad = -(-g_raw.shape[0] // 64) * 64
+    gt = g_raw.new_zeros(n_pad, g_raw.shape[1])
+    gt[: g_raw.shape[0]] = g_raw
+    b = default_chunk_size(qt.shape[0], n_pad, 4, 256 * 2**20)
+    buf = torch.empty(b, n_pad)
     for start in range(0, qt.shape[0], b):
         block = qt[start : start + b]
         torch.mm(block, gt.t(), out=buf[: block.shape[0]])

@@ -1,8 +1,14 @@
 """Loss benchmark: median forward+backward time of every deepmetric loss vs its pytorch-metric-learning (PML)
 equivalent in the same process, plus peak memory at B=4096 for MS, contrastive and triplet with a miner.
 
-    python benchmarks/losses.py            # B=180 and B=1024, d=512; memory at B=4096
+    python benchmarks/losses.py            # B=180 and B=1024, d=512, 15 reps; memory at B=4096
     python benchmarks/losses.py --small    # B=180 only, fewer repetitions, memory at B=1024
+    python benchmarks/losses.py --only multi_similarity contrastive   # cases whose name starts with these
+
+Timing protocol: torch threads pinned (``--threads``, default 1 so that a shared machine's other jobs disturb
+less), one warm-up call each, then ours and PML alternate rep by rep (load changes hit both), median of
+``--reps`` (≥ 15 by default). The machine's load average (os.getloadavg) is recorded before and after. The
+ratio ours/PML is the number to read; absolute times on a loaded machine are not.
 
 Prints a table and writes benchmarks/results/losses.json. Labels are m-per-class (4 per class), embeddings
 Gaussian, float32, CPU unless --device is given. PML cases whose pair/triplet index lists would exceed
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -83,6 +90,9 @@ def cases(b: int, device: torch.device):
     yield "multi_similarity (no mining)", lambda x: ms_nm(x, y), lambda x: ms_p(x, y), n_pos + n_neg, ""
     c_o, c_p = dm.ContrastiveLoss(), pl.ContrastiveLoss()
     yield "contrastive (distance)", lambda x: c_o(x, y), lambda x: c_p(x, y), n_pos + n_neg, ""
+    cm_o, cm_p = dmm.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)
+    yield ("contrastive + ms_miner", lambda x: c_o(x, y, mined=cm_o(x, y)), lambda x: c_p(x, y, cm_p(x, y)),
+           n_pos + n_neg, "")
     t_o, t_p = dm.TripletMarginLoss(0.05), pl.TripletMarginLoss(0.05)
     yield "triplet_margin (all triplets)", lambda x: t_o(x, y), lambda x: t_p(x, y), cube, "PML: B³ mask"
     bh_o, bh_p = dmm.BatchHardMiner(), pm.BatchHardMiner()
@@ -119,16 +129,20 @@ def cases(b: int, device: torch.device):
         yield name, fo, fp, b * N_PROXY_CLASSES, f"{N_PROXY_CLASSES} classes"
 
 
-def run_timings(sizes: list[int], reps: int, device: torch.device, pml_max: float) -> list[dict]:
+def run_timings(
+    sizes: list[int], reps: int, device: torch.device, pml_max: float, only: list[str] | None = None,
+) -> list[dict]:
     rows = []
     for b in sizes:
         emb = torch.randn(b, 512, generator=torch.Generator().manual_seed(0)).to(device)
         for name, ours, pml, size, note in cases(b, device):
+            if only and not any(name.startswith(o) for o in only):
+                continue
             if pml is not None and size > pml_max:
                 pml = None
                 note = (note + "; " if note else "") + f"PML skipped: ~{size:.1e} index elements"
             t_ours, t_pml = _time_pair(ours, pml, emb, reps)
-            r = {"loss": name, "B": b, "d": 512, "ours_ms": 1e3 * t_ours, "note": note,
+            r = {"loss": name, "B": b, "d": 512, "ours_ms": 1e3 * t_ours, "note": note, "load1": os.getloadavg()[0],
                  "pml_ms": 1e3 * t_pml if t_pml is not None else None}
             r["ratio"] = r["ours_ms"] / r["pml_ms"] if r["pml_ms"] else None
             rows.append(r)
@@ -189,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="B=180 only, 5 repetitions, memory at B=1024")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
+    ap.add_argument("--only", nargs="*", default=None, help="only the cases whose name starts with one of these")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--pml-max-elements", type=float, default=3e8,
                     help="skip a PML case whose index lists/masks would exceed this many elements")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "losses.json"))
@@ -197,19 +213,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [180] if args.small else [180, 1024]
-    reps = args.reps or (5 if args.small else 7)
+    reps = args.reps or (5 if args.small else 15)
+    load_before = os.getloadavg()
     print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'ratio':>6s}  note")
-    rows = run_timings(sizes, reps, device, args.pml_max_elements)
-    mem = run_memory(1024 if args.small else 4096)
+    rows = run_timings(sizes, reps, device, args.pml_max_elements, args.only)
+    mem = [] if args.no_memory else run_memory(1024 if args.small else 4096)
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     result = {
         "device": str(device), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "repetitions": reps, "timings": rows, "memory": mem,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "repetitions": reps,
+        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "protocol": "median of reps, ours/PML interleaved per rep, one warm-up each, threads pinned",
+        "timings": rows, "memory": mem,
         "median_ratio": statistics.median(ratios) if ratios else None,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"median ours/PML time ratio: {result['median_ratio']:.3f}; wrote {args.out}")
+    if result["median_ratio"] is not None:
+        print(f"median ours/PML time ratio: {result['median_ratio']:.3f}")
+    print(f"load average before {load_before}, after {result['loadavg_after']}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -125,3 +125,22 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     for key in ref_weights:
         assert torch.equal(ref_weights[key], res_weights[key]), key
     assert ref_metrics == res_metrics
+
+
+def test_two_process_gloo_training_evaluates_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m deepmetric train`` on KanjiGlyphs: completes, metrics computed once."""
+    run = tmp_path / "ddp"
+    sets = [x for item in TINY + ["train.iterations=6", "data.batch_size=32"] for x in ("--set", item)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "deepmetric", "train", "--output", str(run), *sets],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    finals = [r for r in records if r.get("phase") == "after"]
+    assert len(finals) == 1 and "map@r" in finals[0]
+    assert out.stdout.count("run directory:") == 1
+    train_records = [r for r in records if r.get("split") == "train"]
+    assert train_records and all(r["step"] <= 6 for r in train_records)

@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        if distributed is not None:
+            from deepmetric.training.distributed import destroy_distributed
+
+            destroy_distributed()
     if is_main:
         print()
         print(f"run directory: {result.run_dir}")

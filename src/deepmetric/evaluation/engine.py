@@ -11,8 +11,9 @@ blocks), removes each query's own row *by index* in self-retrieval, and then wor
    positive attaining s⁺; no top-1000 is ever materialised;
 3. full MAP (on request) counts the rank of every relevant item outside the list the same way.
 
-Memory: O(b·N) for S (b from a 256 MB budget when ``chunk_size`` is None) + O(b·(k·64 + N/64)) + O(N·d) for the
-normalised copy of the embeddings; never N×N.
+Memory: O(b·N) for S (b from a 256 MB budget when ``chunk_size`` is None) + O(b·(k·w + N/w)), w ∈ [32, 64], for
+the two-stage top-k + O(N·d) for the normalised, padded copy of the gallery; never N×N. The gallery itself is not
+blocked: one row of S must fit the budget (up to ~64M gallery items at 256 MB); beyond that the block is one row.
 """
 
 from __future__ import annotations

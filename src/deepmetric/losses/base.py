@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.functional import label_masks, resolve_reference
+from deepmetric.losses import _fast
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class MetricLoss(nn.Module):
 
     lr_multiplier: float = 1.0
     accepts_mined: bool = False
+    fast: bool = False  # True: forward() uses fast_compute()
 
     def forward(
         self,
@@ -138,6 +140,12 @@ class MetricLoss(nn.Module):
         ignore_mask: Tensor | None = None,
         mined: Mined | None = None,
     ) -> Tensor:
+        if self.fast:
+            # Lean path: no B×B identity, masks built once, analytic backward (see deepmetric.losses._fast).
+            ref_e, ref_l, ignore, self_cmp = _fast.resolve(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
+            if mined is not None:
+                self._check_mined(mined)
+            return self.fast_compute(embeddings, labels, ref_e, ref_l, ignore, self_cmp, mined)
         ref_e, ref_l, ignore = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
         if mined is None:
             return self.compute(embeddings, labels, ref_e, ref_l, ignore)
@@ -147,8 +155,23 @@ class MetricLoss(nn.Module):
             raise TypeError(f"mined must be MinedPairs or MinedTriplets, got {type(mined).__name__}")
         return self.compute(embeddings, labels, ref_e, ref_l, ignore, mined=mined)
 
+    def _check_mined(self, mined: object) -> None:
+        if not self.accepts_mined:
+            raise TypeError(f"{type(self).__name__} does not take mined tuples (mined=); it is not a pair/triplet loss")
+        if not isinstance(mined, (MinedPairs, MinedTriplets)):
+            raise TypeError(f"mined must be MinedPairs or MinedTriplets, got {type(mined).__name__}")
+
     def compute(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, mined: Mined | None = None,
     ) -> Tensor:
+        raise NotImplementedError
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        """Lean implementation used by :meth:`forward` when ``fast`` is True; same value and gradient as
+        :meth:`compute` (the reference implementation, kept for tests and subclasses). ``self_cmp``: the
+        references are the batch itself and the diagonal is an ignored pair (not included in ``ignore_mask``)."""
         raise NotImplementedError

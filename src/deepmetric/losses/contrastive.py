@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from deepmetric.functional import cosine_similarity_matrix, pairwise_distance, zero_loss
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, pair_masks
 
 PairReduction = Literal["avg_nonzero", "mean", "batch", "sum"]
@@ -112,6 +113,56 @@ class ContrastiveLoss(MetricLoss):
         return reduce_pair_terms(
             pos_loss, pos, neg_loss, neg, self.reduction, embeddings.shape[0], embeddings, ref_embeddings
         )
+
+    fast = True
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        dist = self.form == "distance"
+        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings or not dist)
+        with torch.no_grad():
+            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            if self.reduction == "mean":
+                n_pos, n_neg = pos.sum(), neg.sum()
+                if int(n_pos) == 0 and int(n_neg) == 0:
+                    return _fast.zero(st)
+            if dist:
+                m = _fast.distance(st, squared=False)
+                # ℓ⁺ = [D − m⁺]₊ on P, ℓ⁻ = [m⁻ − D]₊ on N: value = Σ_P⁺ D/c⁺ − Σ_N⁺ D/c⁻ + const.
+                pa = pos.logical_and_(m > self.pos_margin)
+                na = neg.logical_and_(m < self.neg_margin)
+                sign, const_p, const_n = 1.0, -self.pos_margin, self.neg_margin
+            else:
+                m = _fast.similarity(st)
+                # ℓ⁺ = [m⁺ − S]₊ on P, ℓ⁻ = S or S − m⁻ on N ∩ {S > m⁻}.
+                pa = pos.logical_and_(m < self.pos_margin)
+                na = neg.logical_and_(m > self.neg_margin)
+                sign, const_p = -1.0, self.pos_margin
+                const_n = -self.neg_margin if self.negative_term == "hinge" else 0.0
+            npa, nna = pa.sum(), na.sum()
+            red = self.reduction
+            if red == "avg_nonzero":
+                cnt_n = nna
+                if not dist and self.negative_term == "similarity" and self.neg_margin < 0:
+                    cnt_n = (na & (m > 0)).sum()  # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
+                cp, cn = npa.clamp_min(1).to(m.dtype), cnt_n.clamp_min(1).to(m.dtype)
+            elif red == "mean":
+                cp, cn = n_pos.clamp_min(1).to(m.dtype), n_neg.clamp_min(1).to(m.dtype)
+            elif red == "batch":
+                cp = cn = torch.tensor(float(embeddings.shape[0]), dtype=m.dtype, device=m.device)
+            else:
+                cp = cn = torch.ones((), dtype=m.dtype, device=m.device)
+            # ∂L/∂m: +sign/c⁺ on active positives, −sign/c⁻ on active negatives.
+            zero = torch.zeros((), dtype=m.dtype, device=m.device)
+            G = torch.where(pa, sign / cp, torch.where(na, -sign / cn, zero))
+            value = torch.dot(G.view(-1), m.view(-1))
+            if const_p or const_n:
+                value = value + (const_p * npa.to(m.dtype)) / cp + (const_n * nna.to(m.dtype)) / cn
+            if dist:
+                G = _fast.distance_grad(st, G, m, squared=False)
+        return _fast.finish(st, value, G)
 
     def extra_repr(self) -> str:
         return (f"form={self.form!r}, pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "

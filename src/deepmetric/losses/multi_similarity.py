@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from deepmetric.functional import (
@@ -13,6 +14,7 @@ from deepmetric.functional import (
     masked_min,
     zero_loss,
 )
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, pair_masks
 
 Reduction = Literal["batch", "contributing"]
@@ -31,6 +33,16 @@ def ms_pair_selection(
     min_pos = masked_min(s, positive, dim=1).unsqueeze(1)
     max_neg = masked_max(s, negative, dim=1).unsqueeze(1)
     return positive & (s - epsilon < max_neg), negative & (s + epsilon > min_pos)
+
+
+def fast_ms_selection(sim: Tensor, positive: Tensor, negative: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """:func:`ms_pair_selection` on a detached matrix, reusing and overwriting the two masks."""
+    inf = torch.tensor(float("inf"), dtype=sim.dtype, device=sim.device)
+    min_pos = torch.where(positive, sim, inf).amin(1, keepdim=True)
+    max_neg = torch.where(negative, sim, -inf).amax(1, keepdim=True)
+    positive &= (sim - epsilon) < max_neg
+    negative &= (sim + epsilon) > min_pos
+    return positive, negative
 
 
 def _ms_per_anchor(sim: Tensor, pos: Tensor, neg: Tensor, pos_scale: float, neg_scale: float, base: float) -> Tensor:
@@ -106,6 +118,41 @@ class MultiSimilarityLoss(MetricLoss):
         per_anchor = _ms_per_anchor(sim, pos, neg, pos_scale, neg_scale, self.base) * factor
         denom = per_anchor.shape[0] if self.reduction == "batch" else int(contributing.sum())
         return per_anchor.sum() / denom
+
+    fast = True
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        st = _fast.prepare(embeddings, ref_embeddings)
+        with torch.no_grad():
+            sim = _fast.similarity(st)
+            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            if self.mining:
+                pos, neg = fast_ms_selection(sim, pos, neg, self.epsilon)
+                contributing = pos.any(1) & neg.any(1)
+            else:
+                contributing = pos.any(1) | neg.any(1)
+            n_contrib = int(contributing.sum())
+            if n_contrib == 0:
+                return _fast.zero(st)
+            pos_scale, neg_scale, factor = self._scales()
+            base = self.base
+            bound_p, bound_n = pos_scale * (1.0 + abs(base)), neg_scale * (1.0 + abs(base))
+            # The terms are log(1 + Σ e^{a}) with a = ∓scale·(S − λ); ∂L/∂S = W_neg − W_pos.
+            v_p, w_p = _fast.log1p_sum_exp(sim.mul(-pos_scale).add_(pos_scale * base), pos, bound_p)
+            v_n, w_n = _fast.log1p_sum_exp(sim.mul_(neg_scale).sub_(neg_scale * base), neg, bound_n)
+            per_anchor = v_p / pos_scale + v_n / neg_scale
+            denom = per_anchor.shape[0] if self.reduction == "batch" else n_contrib
+            row = contributing.to(sim.dtype).mul_(factor / denom)
+            if self.mining and n_contrib < contributing.shape[0]:
+                value = per_anchor.dot(row)
+                G = w_n.sub_(w_p).mul_(row.unsqueeze(1))
+            else:
+                value = per_anchor.sum() * (factor / denom)
+                G = w_n.sub_(w_p).mul_(factor / denom)
+        return _fast.finish(st, value, G)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, mining={self.mining}, "

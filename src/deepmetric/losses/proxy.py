@@ -20,6 +20,7 @@ from deepmetric.functional import (
     masked_logsumexp,
     pairwise_distance,
 )
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined
 
 
@@ -60,6 +61,20 @@ class ProxyLoss(MetricLoss):
     def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        self._check(embeddings, labels)
+        return self.fast_proxy_loss(embeddings, labels.long())
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return self.proxy_loss(embeddings, labels)
+
+    def _fast_state(self, embeddings: Tensor) -> _fast.PairState:
+        """Anchors vs the proxies (cast to the computation dtype; the cast's backward returns the proxies' dtype)."""
+        return _fast.prepare(embeddings, self._proxies_for(embeddings))
+
 
 class ProxyAnchorLoss(ProxyLoss):
     r"""Proxy-Anchor loss. Kim, Kim, Cho, Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020.
@@ -89,6 +104,24 @@ class ProxyAnchorLoss(ProxyLoss):
         neg_term = masked_logsumexp(self.alpha * (cos + self.margin), ~onehot, dim=0, add_one=True)
         n_with_pos = onehot.any(0).sum().clamp_min(1)
         return pos_term.sum() / n_with_pos + neg_term.sum() / self.num_classes
+
+    fast = True
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        st = self._fast_state(embeddings)
+        with torch.no_grad():
+            cos = _fast.similarity(st).t()  # C×B: per-proxy rows
+            onehot = torch.zeros(cos.shape, dtype=torch.bool, device=cos.device)
+            onehot[labels, torch.arange(labels.shape[0], device=labels.device)] = True
+            a, m = self.alpha, self.margin
+            bound = a * (1.0 + abs(m))
+            v_p, w_p = _fast.log1p_sum_exp(cos.mul(-a).add_(a * m), onehot, bound)
+            v_n, w_n = _fast.log1p_sum_exp(cos.mul_(a).add_(a * m), ~onehot, bound)
+            n_with_pos = float(max(int(onehot.any(1).sum()), 1))
+            value = v_p.sum() / n_with_pos + v_n.sum() / self.num_classes
+            # ∂L/∂cos = −α·W⁺/|P⁺| + α·W⁻/C
+            G = w_n.mul_(a / self.num_classes).sub_(w_p, alpha=a / n_with_pos).t()
+        return _fast.finish(st, value, G)
 
 
 class ProxyNCALoss(ProxyLoss):

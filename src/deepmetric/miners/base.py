@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from deepmetric.functional import label_masks, resolve_reference
+from deepmetric.losses import _fast
 from deepmetric.losses.base import Mined
 
 
@@ -43,9 +43,11 @@ class Miner(nn.Module):
         ref_labels: Tensor | None = None,
         ignore_mask: Tensor | None = None,
     ) -> Mined:
-        ref_e, ref_l, ignore = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
-        pos, neg = label_masks(labels, ref_l, ignore)
-        return self.mine(embeddings.detach(), ref_e.detach(), pos, neg)
+        ref_e, ref_l, ignore, self_cmp = _fast.resolve(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
+        pos, neg = _fast.masks(labels, ref_l, ignore, self_cmp)
+        x = embeddings.detach()
+        # The same object for a self comparison: miners normalise it once (see deepmetric.losses._fast.prepare).
+        return self.mine(x, x if ref_e is embeddings else ref_e.detach(), pos, neg)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Mined:
         raise NotImplementedError

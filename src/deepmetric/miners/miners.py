@@ -7,9 +7,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deepmetric.functional import cosine_similarity_matrix, pairwise_distance
+from deepmetric.functional import pairwise_distance
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MinedPairs, MinedTriplets
-from deepmetric.losses.multi_similarity import ms_pair_selection
+from deepmetric.losses.multi_similarity import fast_ms_selection
 from deepmetric.miners.base import Miner, sample_one_per_row
 
 Positives = Literal["random", "all"]
@@ -45,8 +46,8 @@ class MultiSimilarityMiner(Miner):
         self.epsilon = float(epsilon)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedPairs:
-        s = cosine_similarity_matrix(embeddings, ref_embeddings)
-        p, n = ms_pair_selection(s, pos, neg, self.epsilon)
+        s = _fast.similarity(_fast.prepare(embeddings, ref_embeddings))
+        p, n = fast_ms_selection(s, pos, neg, self.epsilon)  # pos/neg are this call's own masks
         return MinedPairs(p, n)
 
 
@@ -61,9 +62,9 @@ class BatchHardMiner(Miner):
         self.squared, self.normalize_embeddings = squared, normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=self.squared)
-        hard_p = d.masked_fill(~pos, float("-inf")).argmax(1)
-        hard_n = d.masked_fill(~neg, float("inf")).argmin(1)
+        d = _fast.distance(_fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings), self.squared)
+        hard_p = torch.where(pos, d, float("-inf")).argmax(1)
+        hard_n = torch.where(neg, d, float("inf")).argmin(1)
         a = torch.nonzero(pos.any(1) & neg.any(1), as_tuple=True)[0]
         return MinedTriplets(a, hard_p[a], hard_n[a])
 
@@ -89,7 +90,7 @@ class SemiHardMiner(Miner):
         self.normalize_embeddings = normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=self.squared)
+        d = _fast.distance(_fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings), self.squared)
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
             return _empty_triplets(d.device)

@@ -100,5 +100,10 @@ class EmbeddingModel(nn.Module):
         """Pooled backbone features (before the projection), used by feature-space synthesis (SGAR)."""
         return global_pool(self.backbone(x), self.head.pooling)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Embeddings; with ``return_features`` also the pooled backbone features (one pass, so a
+        DistributedDataParallel wrapper sees the whole computation)."""
+        if not return_features:
+            return self.head(self.backbone(x))
+        features = global_pool(self.backbone(x), self.head.pooling)
+        return self.head(features), features

@@ -111,7 +111,10 @@ class Trainer:
         if self.world_size > 1:
             from deepmetric.training import distributed as dist_utils
 
-            self.train_model = dist_utils.wrap_model(self.model, self.dist)
+            # a temporarily frozen backbone stops producing gradients after wrapping: DDP must tolerate that
+            self.train_model = dist_utils.wrap_model(
+                self.model, self.dist, find_unused_parameters=config.train.frozen_backbone_iterations > 0
+            )
             self.criterion = dist_utils.wrap_criterion(self.criterion, self.dist)
         self.optimizer = build_optimizer(config.optimizer, self.model, self.criterion)
         self.scheduler = build_scheduler(config.scheduler, self.optimizer)
@@ -268,8 +271,7 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         with self._autocast():
             if self.criterion_needs_features:
-                features = self.model.features(images)
-                embeddings = self.model.head(features)
+                embeddings, features = self.train_model(images, return_features=True)
             else:
                 features = None
                 embeddings = self.train_model(images)
@@ -293,7 +295,14 @@ class Trainer:
                 f"the last good state is kept in {path}"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if not loss.requires_grad:
+            # a constant loss (e.g. nothing mined by a custom loss that returns a plain zero): nothing to learn
+            loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
         self.scaler.scale(loss).backward()
+        if self.world_size > 1:
+            from deepmetric.training import distributed as dist_utils
+
+            dist_utils.sync_loss_parameter_grads(self.criterion)  # proxies/margins stay identical on all ranks
         oc = self.config.optimizer
         if oc.grad_clip_value is not None or oc.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)

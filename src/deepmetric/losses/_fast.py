@@ -1,0 +1,291 @@
+"""Lean forward/backward machinery shared by the dense losses.
+
+Every pair loss here is a scalar function L(S) of one B×R similarity (or distance) matrix between L2-normalised
+anchors x̂ and references r̂. Instead of recording ~30 elementwise ops for autograd, a loss computes, under
+``no_grad``, its value *and* the analytic gradient G = ∂L/∂S (B×R) in a few fused passes; one autograd node
+(:class:`_PairMatrixGrad`) then maps G back through the GEMM and the normalisation:
+
+    ∂L/∂x̂ = G r̂ (+ Gᵀ x̂ when the references are the batch itself),   ∂L/∂x = (∂L/∂x̂ − x̂ ⟨x̂, ∂L/∂x̂⟩) / ‖x‖.
+
+So forward + backward is: normalise, one GEMM, the loss's own elementwise passes, one GEMM (two with separate
+references) and a B×d projection. Half-precision inputs are computed in fp32 (gradients are returned in the
+input's dtype); float64 stays float64 (gradcheck).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from deepmetric.losses.base import Mined, MinedTriplets
+
+NORM_EPS = 1e-12
+DIST_EPS = 1e-12
+_HALF = (torch.float16, torch.bfloat16)
+# exp(x) is finite for x below these; bounded exponents skip the max-subtraction pass.
+EXP_SAFE = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+class Normalized:
+    """x̂ = x / max(‖x‖, eps) computed without autograd, with what the backward needs."""
+
+    __slots__ = ("x", "xn", "inv", "proj", "sq")
+
+    def __init__(self, x: Tensor, normalize: bool = True) -> None:
+        self.x = x
+        xf = x.detach()
+        if xf.dtype in _HALF:
+            xf = xf.float()
+        if normalize:
+            norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+            # Rows with ‖x‖ ≤ eps are divided by eps (F.normalize): no projection in their backward.
+            self.proj = norm > NORM_EPS
+            self.inv = norm.clamp_min_(NORM_EPS).reciprocal_()
+            self.xn = xf * self.inv
+        else:
+            self.proj = None
+            self.inv = None
+            self.xn = xf
+        self.sq: Tensor | None = None
+
+    def sqnorm(self) -> Tensor:
+        if self.sq is None:
+            self.sq = (self.xn * self.xn).sum(1)
+        return self.sq
+
+    def backward(self, g: Tensor, scale: Tensor) -> Tensor:
+        """Gradient wrt x from the gradient wrt x̂ (``g``, may be modified in place) times ``scale`` (scalar)."""
+        if self.inv is None:
+            out = g.mul_(scale)
+        else:
+            c = (self.xn * g).sum(1, keepdim=True).mul_(self.proj)
+            out = g.sub_(self.xn * c).mul_(self.inv * scale)
+        return out.to(self.x.dtype)
+
+
+class _PairMatrixGrad(torch.autograd.Function):
+    """value(x, r) with a precomputed ∂value/∂S; backward = the GEMM(s) and the normalisation backward.
+
+    ``st`` carries: ``value`` (0-dim), ``G`` (B×R, ∂L/∂S with S = x̂ r̂ᵀ, or None for an all-zero gradient),
+    ``nx``/``nr`` (:class:`Normalized`) and ``same`` (references are the batch itself).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: Tensor | None, st: "PairState") -> Tensor:  # type: ignore[override]
+        ctx.st = st
+        return st.value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go: Tensor):  # type: ignore[override]
+        st = ctx.st  # kept: backward may run more than once (retain_graph, gradcheck)
+        G = st.G
+        need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gr = None
+        if G is None:
+            if need_x:
+                gx = torch.zeros_like(st.nx.x)
+            if need_r and st.nr is not None:
+                gr = torch.zeros_like(st.nr.x)
+            return gx, gr, None
+        go = go.to(st.nx.xn.dtype)
+        if st.direct:  # G is (∂L/∂x̂, ∂L/∂r̂) already
+            gxn, grn = G
+            if st.same:
+                return st.nx.backward(gxn.clone() if grn is None else gxn + grn, go), None, None
+            if need_x:
+                gx = st.nx.backward(gxn.clone(), go)
+            if need_r:
+                gr = st.nr.backward(grn.clone(), go)
+            return gx, gr, None
+        if st.same:
+            gxn = torch.mm(G + G.t(), st.nx.xn)
+            if st.dx is not None:
+                gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), st.nx.xn)
+            return st.nx.backward(gxn, go), None, None
+        if need_x:
+            gxn = torch.mm(G, st.nr.xn)
+            if st.dx is not None:
+                gxn.addcmul_(st.dx.unsqueeze(1), st.nx.xn)
+            gx = st.nx.backward(gxn, go)
+        if need_r:
+            grn = torch.mm(G.t(), st.nx.xn)
+            if st.dr is not None:
+                grn.addcmul_(st.dr.unsqueeze(1), st.nr.xn)
+            gr = st.nr.backward(grn, go)
+        return gx, gr, None
+
+
+class PairState:
+    """``dx``/``dr``: optional per-row factors d such that ∂L/∂x̂_i gets d_i·x̂_i (the ‖x̂‖² terms of a distance
+    matrix on unnormalised rows; on normalised rows the projection removes them). ``direct``: ``G`` is the pair
+    (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S."""
+
+    __slots__ = ("value", "G", "nx", "nr", "same", "dx", "dr", "direct", "grad")
+
+    def __init__(self, nx: Normalized, nr: Normalized, same: bool) -> None:
+        self.grad = torch.is_grad_enabled()  # the caller's grad mode: finish() attaches a graph only then
+        self.nx, self.nr, self.same = nx, nr, same
+        self.value: Tensor | None = None
+        self.G = None
+        self.dx: Tensor | None = None
+        self.dr: Tensor | None = None
+        self.direct = False
+
+
+def prepare(x: Tensor, r: Tensor, normalize: bool = True) -> PairState:
+    """Normalise anchors and references once (once in total when ``r is x``). Records the caller's grad mode:
+    :func:`finish` attaches the graph only when gradients were enabled at this call."""
+    nx = Normalized(x, normalize)
+    if r is x:
+        return PairState(nx, nx, True)
+    return PairState(nx, Normalized(r, normalize), False)
+
+
+def similarity(st: PairState) -> Tensor:
+    return torch.mm(st.nx.xn, st.nr.xn.t())
+
+
+def finish(st: PairState, value: Tensor, G: Tensor | None) -> Tensor:
+    """Attach ``value`` (0-dim, computed without autograd) to the graph of x (and r) with gradient G wrt S."""
+    st.value, st.G = value, G
+    x, r = st.nx.x, st.nr.x
+    if not torch.is_grad_enabled():
+        if st.grad:  # called inside a loss's own no_grad block
+            with torch.enable_grad():
+                return _PairMatrixGrad.apply(x, None if st.same else r, st)
+        return value
+    return _PairMatrixGrad.apply(x, None if st.same else r, st)
+
+
+def finish_direct(st: PairState, value: Tensor, gxn: Tensor, grn: Tensor) -> Tensor:
+    """Like :func:`finish` with the gradients wrt x̂ (B×d) and r̂ (R×d) given directly (gathered tuples)."""
+    st.direct = True
+    return finish(st, value, (gxn, grn))
+
+
+def distance(st: PairState, squared: bool) -> Tensor:
+    """D_ij = ‖x̂_i − r̂_j‖ as :func:`deepmetric.functional.euclidean_distance_matrix` (GEMM expansion, clamped
+    at 0, √(·+eps)), or its square."""
+    nx = st.nx.sqnorm()
+    nr = nx if st.same else st.nr.sqnorm()
+    d = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr).clamp_min_(0.0)
+    return d if squared else d.add_(DIST_EPS).sqrt_()
+
+
+def distance_grad(st: PairState, gd: Tensor, d: Tensor, squared: bool) -> Tensor:
+    """∂L/∂S from ∂L/∂D (``gd``, consumed) for D from :func:`distance`; records the ‖·‖² terms when the rows are
+    not normalised. (At clamped entries, exact duplicates, the gradient of the clamp is not replicated.)"""
+    # dD/dsq = 1/(2D) (1 squared), dsq/dS = −2
+    gsq = gd if squared else gd.div_(d).mul_(0.5)
+    if st.nx.inv is None:
+        st.dx = gsq.sum(1).mul_(2.0)
+        st.dr = gsq.sum(0).mul_(2.0)
+    return gsq.mul_(-2.0)
+
+
+def zero(st: PairState) -> Tensor:
+    """A 0 scalar (fp32 for half inputs) connected to x and r, with an all-zero gradient."""
+    return finish(st, st.nx.xn.new_zeros(()), None)
+
+
+# ----------------------------------------------------------------------------------------------------------- masks
+
+
+def resolve(
+    embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None, ref_labels: Tensor | None,
+    ignore_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """:func:`deepmetric.functional.resolve_reference` without materialising the B×B identity.
+
+    Returns (references, reference labels, ignore_mask, self_comparison); with ``self_comparison`` the diagonal
+    is an ignored pair in addition to ``ignore_mask``.
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be 1-D with one label per embedding row: got labels {tuple(labels.shape)} "
+            f"for embeddings {tuple(embeddings.shape)}"
+        )
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels must be given together")
+    if ref_embeddings is None:
+        if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], embeddings.shape[0]):
+            raise ValueError(
+                f"ignore_mask must have shape (B, B) = {(embeddings.shape[0],) * 2}, got {tuple(ignore_mask.shape)}"
+            )
+        return embeddings, labels, ignore_mask, True
+    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_embeddings must be 2-D with dim {embeddings.shape[1]}, got {tuple(ref_embeddings.shape)}"
+        )
+    if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
+        raise ValueError("ref_labels must be 1-D with one label per ref_embeddings row")
+    if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], ref_embeddings.shape[0]):
+        raise ValueError(
+            f"ignore_mask must have shape (B, R) = {(embeddings.shape[0], ref_embeddings.shape[0])}, "
+            f"got {tuple(ignore_mask.shape)}"
+        )
+    return ref_embeddings, ref_labels, ignore_mask, False
+
+
+def masks(
+    labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(positive, negative) B×R masks: label agreement minus the diagonal (self comparison) and ignored pairs,
+    intersected with mined pairs when given. Same result as :func:`deepmetric.losses.base.pair_masks`."""
+    pos = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+    neg = ~pos
+    if self_cmp:
+        pos.fill_diagonal_(False)
+    if ignore_mask is not None:
+        keep = ~ignore_mask.to(pos.device)
+        pos &= keep
+        neg &= keep
+    if mined is not None:
+        mpos, mneg = mined.to_masks((labels.shape[0], ref_labels.shape[0]))
+        pos &= mpos.to(pos.device)
+        neg &= mneg.to(neg.device)
+    return pos, neg
+
+
+def valid_triplets(
+    triplets: MinedTriplets, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triplets whose labels agree and whose two pairs are not ignored (the diagonal under self comparison)."""
+    a, p, n = triplets.anchor.long(), triplets.positive.long(), triplets.negative.long()
+    la = labels[a]
+    ok = (la == ref_labels[p]) & (la != ref_labels[n])
+    if self_cmp:
+        ok &= a != p  # a != n follows from the label test
+    if ignore_mask is not None:
+        ok &= ~(ignore_mask[a, p] | ignore_mask[a, n])
+    if bool(ok.all()):
+        return a, p, n
+    return a[ok], p[ok], n[ok]
+
+
+# ---------------------------------------------------------------------------------------------------- reductions
+
+
+def log1p_sum_exp(a: Tensor, mask: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """Per row: v = log(1 + Σ_{mask} e^{a}) and W = ∂v/∂a (zero off ``mask``). ``a`` is consumed (in place).
+
+    ``bound`` is an upper bound of |a| over the whole matrix (e.g. α·(1+|λ|) on cosines); below the dtype's
+    safe exponent the max-subtraction pass is skipped, otherwise the row max (≥ 0, for the implicit e⁰ term)
+    is subtracted first.
+    """
+    if bound < EXP_SAFE.get(a.dtype, 0.0):
+        e = a.exp_().mul_(mask)
+        s = e.sum(1, keepdim=True)
+        v = torch.log1p(s)
+        return v.squeeze(1), e.div_(s.add_(1.0))
+    m = torch.where(mask, a, float("-inf")).amax(1, keepdim=True).clamp_min_(0.0)
+    e = torch.where(mask, a.sub_(m).exp_(), 0.0)
+    z = e.sum(1, keepdim=True).add_(torch.exp(-m))
+    v = m + torch.log(z)
+    return v.squeeze(1), e.div_(z)

@@ -84,13 +84,14 @@ def _run_gemm(q, ql, g, gl, recall_at):
 
     from deepmetric.evaluation import default_chunk_size
 
-    qt = torch.from_numpy(q)
-    g_raw = qt if g is None else torch.from_numpy(g)
-    # the same layout as evaluate: gallery rows padded to a multiple of 64 (an aligned leading dimension makes
-    # sgemm markedly faster than n = 60,502), same block size, output buffer reused
+    # exactly evaluate's operands: gallery rows padded to a multiple of 64 (an aligned leading dimension makes
+    # sgemm markedly faster than n = 60,502) in a fresh torch allocation, queries = its first rows in
+    # self-retrieval, same block size, output buffer reused
+    g_raw = torch.from_numpy(q if g is None else g)
     n_pad = -(-g_raw.shape[0] // 64) * 64
     gt = g_raw.new_zeros(n_pad, g_raw.shape[1])
     gt[: g_raw.shape[0]] = g_raw
+    qt = gt[: q.shape[0]] if g is None else torch.from_numpy(q).clone()
     b = default_chunk_size(qt.shape[0], n_pad, 4, 256 * 2**20)
     buf = torch.empty(b, n_pad)
     for start in range(0, qt.shape[0], b):

@@ -45,6 +45,16 @@ def test_registry_names_and_interface():
     assert not SYNTHESIS["iaa"].expects_normalized_embeddings and not SYNTHESIS["mdr"].expects_normalized_embeddings
 
 
+def test_builder_refuses_a_normalisation_mismatch():
+    from deepmetric.training.config import ConfigError
+
+    cfg = ExperimentConfig()
+    cfg.synthesis.name = "iaa"
+    cfg.model.normalize = True
+    with pytest.raises(ConfigError, match="model.normalize=false"):
+        build_criterion(cfg, num_classes=4)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_trainer_style_steps(name):
     torch.manual_seed(0)
@@ -54,6 +64,7 @@ def test_trainer_style_steps(name):
     cfg.loss.name = loss_name
     cfg.synthesis.name = name
     cfg.synthesis.params = params
+    cfg.model.normalize = normalized  # the builder refuses a model/method mismatch
     criterion = build_criterion(cfg, num_classes=4)
     method = criterion.synthesis
     assert method.expects_normalized_embeddings is normalized

@@ -143,7 +143,12 @@ class Trainer:
         raise ConfigError(f"unknown data.sampler '{dc.sampler}' (known: m_per_class, random)")
 
     def _loader(self) -> DataLoader:
-        return DataLoader(self.data.train, batch_sampler=self.sampler, num_workers=self.config.data.num_workers)
+        # A private generator: creating a DataLoader iterator draws a worker base seed from it, and drawing
+        # that from the global RNG would make a resumed run (one extra iterator) diverge from an uninterrupted one.
+        generator = torch.Generator()
+        generator.manual_seed(self.config.train.seed * 1_000_003 + self.sampler.epoch)
+        return DataLoader(self.data.train, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+                          generator=generator)
 
     # ---------------------------------------------------------------------------------------------- state ----
     def state_dict(self) -> dict[str, Any]:

@@ -302,7 +302,7 @@ def main() -> None:
     print(format_table(rows))
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "argv": sys.argv[1:], "wall_seconds": round(time.perf_counter() - start, 1),
-            "metrics": "test split (unseen classes), cosine, self-retrieval; mean ± sample std over seeds, in %"}
+            "metrics": "test split (unseen classes), self-retrieval, cosine (mdr: Euclidean on raw embeddings, its protocol); mean ± sample std over seeds, in %"}
     payload = {"meta": meta, "settings": settings,
                "methods": {m: METHODS[m] for m in methods}, "summary": rows, "runs": runs}
     tmp_out = out.with_suffix(".json.tmp")

@@ -24,6 +24,24 @@ SPECS = {
     "triplet_squared_mean": lambda: dm.TripletMarginLoss(0.2, squared=True, reduction="mean"),
     "triplet_unnormalized": lambda: dm.TripletMarginLoss(0.3, normalize_embeddings=False),
     "proxy_anchor": lambda: dm.ProxyAnchorLoss(6, 8),
+    "nca": lambda: dm.NCALoss(),
+    "nca_scale30": lambda: dm.NCALoss(30.0),
+    "nca_unnormalized": lambda: dm.NCALoss(0.5, normalize_embeddings=False),
+    "binomial": lambda: dm.BinomialDevianceLoss(),
+    "binomial_contributing": lambda: dm.BinomialDevianceLoss(reduction="contributing"),
+    "lifted_original": lambda: dm.LiftedStructureLoss(),
+    "lifted_original_unnormalized": lambda: dm.LiftedStructureLoss(0.5, 0.1, normalize_embeddings=False),
+    "lifted_generalized": lambda: dm.LiftedStructureLoss(variant="generalized"),
+    "lifted_generalized_das": lambda: dm.LiftedStructureLoss(
+        variant="generalized", normalize_embeddings=False, l2_weight=0.005, reduction="contributing"),
+    "lifted_modified": lambda: dm.LiftedStructureLoss(variant="modified"),
+    "lifted_modified_mining": lambda: dm.LiftedStructureLoss(variant="modified", mining=True,
+                                                             reduction="contributing"),
+    "margin": lambda: dm.MarginLoss(),
+    "margin_per_class_nu": lambda: dm.MarginLoss(0.3, 0.1, num_classes=6),
+    "margin_fixed_beta_unnormalized": lambda: dm.MarginLoss(nu=0.2, beta=2.0, learn_beta=False,
+                                                            normalize_embeddings=False),
+    "npair": lambda: dm.NPairLoss(),
 }
 
 
@@ -79,3 +97,15 @@ def test_fast_path_backward_can_run_twice_and_under_no_grad() -> None:
     (g1,) = torch.autograd.grad(v, x, retain_graph=True)
     (g2,) = torch.autograd.grad(v, x)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("spec", ["nca", "nca_unnormalized", "binomial", "lifted_original", "lifted_generalized_das",
+                                  "lifted_modified_mining", "margin_per_class_nu"])
+def test_new_fast_paths_gradcheck(spec: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y, yr = torch.arange(10) % 3, torch.arange(7) % 3
+    loss = SPECS[spec]().double()
+    assert torch.autograd.gradcheck(lambda a: loss(a, y), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: loss(a, y, b, yr), (x, r))

@@ -289,3 +289,22 @@ def log1p_sum_exp(a: Tensor, mask: Tensor, bound: float) -> tuple[Tensor, Tensor
     z = e.sum(1, keepdim=True).add_(torch.exp(-m))
     v = m + torch.log(z)
     return v.squeeze(1), e.div_(z)
+
+
+def log_sum_exp(a: Tensor, mask: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """Per row: v = log Σ_{mask} e^{a} and W = ∂v/∂a (the masked softmax, zero off ``mask``). ``a`` is consumed.
+
+    Empty rows give v = −∞ and W = 0 (callers exclude them). ``bound`` ≥ max |a| over the matrix: below the
+    dtype's safe exponent neither overflow nor underflow to 0 can happen and the row-max pass is skipped.
+    """
+    if bound < EXP_SAFE.get(a.dtype, 0.0):
+        e = a.exp_().mul_(mask)
+        z = e.sum(1, keepdim=True)
+        v = torch.log(z)
+    else:
+        m = torch.where(mask, a, float("-inf")).amax(1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        e = torch.where(mask, a.sub_(m).exp_(), 0.0)
+        z = e.sum(1, keepdim=True)
+        v = torch.log(z).add_(m)
+    return v.squeeze(1), e.div_(z.clamp_min_(torch.finfo(z.dtype).tiny))

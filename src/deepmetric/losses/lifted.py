@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from deepmetric.functional import cosine_similarity_matrix, masked_logsumexp, pairwise_distance, zero_loss
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, pair_masks
-from deepmetric.losses.multi_similarity import ms_pair_selection
+from deepmetric.losses.multi_similarity import fast_ms_selection, ms_pair_selection
 
 Variant = Literal["original", "modified", "generalized"]
 
@@ -116,6 +117,96 @@ class LiftedStructureLoss(MetricLoss):
         keep = pos & (row_has.unsqueeze(1) | col_has.unsqueeze(0))
         j = torch.where(keep, j, torch.zeros_like(j))
         return (torch.relu(j) ** 2).sum() / (2.0 * pos.sum()) + zero_loss(embeddings, ref_embeddings)
+
+    fast = True
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        reg = self.l2_weight * embeddings.norm(dim=1).mean() if self.l2_weight else None
+        out = self._fast_core(embeddings, labels, ref_embeddings, ref_labels, ignore_mask, self_cmp, mined)
+        return out if reg is None else out + reg
+
+    def _fast_core(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None,
+    ) -> Tensor:
+        modified = self.variant == "modified"
+        norm = self.normalize_embeddings or modified
+        st = _fast.prepare(embeddings, ref_embeddings, norm)
+        with torch.no_grad():
+            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            if self.variant == "original":
+                return self._fast_original(st, pos, neg, norm)
+            if modified:
+                m = _fast.similarity(st)
+                if self.mining:
+                    pos, neg = fast_ms_selection(m, pos, neg, self.epsilon)
+            else:
+                m = _fast.distance(st, squared=False)
+            ok = pos.any(1) & neg.any(1)
+            n_ok = int(ok.sum())
+            if n_ok == 0:
+                return _fast.zero(st)
+            denom = float(embeddings.shape[0] if self.reduction == "batch" else n_ok)
+            if modified:
+                a, b = self.alpha, self.beta
+                v_p, w_p = _fast.log_sum_exp(m.mul(-b), pos, abs(b) * (1.0 + 1e-6))
+                v_n, w_n = _fast.log_sum_exp(m.mul_(a), neg, abs(a) * (1.0 + 1e-6))
+                per_anchor = v_p.mul_(2.0 / b).add_(v_n, alpha=2.0 / a)
+                # ∂L/∂S = (2/denom)·(W⁻ − W⁺) on contributing anchors
+                row = ok.to(m.dtype).mul_(2.0 / denom).unsqueeze(1)
+                value = per_anchor.masked_fill_(~ok, 0.0).sum() / denom
+                return _fast.finish(st, value, w_n.sub_(w_p).mul_(row))
+            # generalized: [lse_P(D − m⁺) + lse_N(m⁻ − D)]₊; unit rows have D ≤ 2.
+            bp = (2.0 if norm else float("inf")) + abs(self.pos_margin)
+            bn = (2.0 if norm else float("inf")) + abs(self.neg_margin)
+            v_p, w_p = _fast.log_sum_exp(m.sub(self.pos_margin), pos, bp)
+            v_n, w_n = _fast.log_sum_exp(m.neg().add_(self.neg_margin), neg, bn)
+            per_anchor = v_p.add_(v_n)
+            act = ok & (per_anchor > 0)
+            value = per_anchor.masked_fill_(~act, 0.0).sum() / denom
+            if not bool(act.any()):
+                return _fast.finish(st, value, None)
+            row = act.to(m.dtype).div_(denom).unsqueeze(1)
+            gd = w_p.sub_(w_n).mul_(row)
+            return _fast.finish(st, value, _fast.distance_grad(st, gd, m, squared=False))
+
+    def _fast_original(self, st: _fast.PairState, pos: Tensor, neg: Tensor, norm: bool) -> Tensor:
+        n_pos = int(pos.sum())
+        if n_pos == 0 or not bool(neg.any()):
+            return _fast.zero(st)
+        d = _fast.distance(st, squared=False)
+        bound = (2.0 if norm else float("inf")) + abs(self.neg_margin)
+        mt = d.neg().add_(self.neg_margin)
+        row_has = neg.any(1)
+        if st.same:
+            row, w_row = _fast.log_sum_exp(mt, neg, bound)
+            col, w_col, col_has = row, w_row, row_has
+        else:
+            row, w_row = _fast.log_sum_exp(mt.clone(), neg, bound)
+            colT, w_colT = _fast.log_sum_exp(mt.t(), neg.t(), bound)  # R: over the batch rows
+            col, w_col, col_has = colT, w_colT.t(), neg.any(0)
+        fmin = torch.finfo(d.dtype).min
+        row = row.masked_fill(~row_has, fmin)  # the reference's empty log-sum-exp
+        col = row if st.same else col.masked_fill(~col_has, fmin)
+        both = torch.logaddexp(row.unsqueeze(1), col.unsqueeze(0))
+        keep = pos.logical_and_(row_has.unsqueeze(1) | col_has.unsqueeze(0))
+        j = both.add(d).sub_(self.pos_margin)
+        act = keep.logical_and_(j > 0)
+        jr = j.mul_(act)
+        value = jr.dot(jr.flatten()) if jr.dim() == 1 else torch.dot(jr.view(-1), jr.view(-1))
+        value = value / (2.0 * n_pos)
+        g = jr.div_(n_pos)  # ∂L/∂J on kept pairs, ∂J/∂D direct = 1
+        # ∂J_ij/∂row_i = e^{row_i − both_ij}, ∂J_ij/∂col_j = e^{col_j − both_ij}; ∂row_i/∂D_ik = −W_row_ik.
+        r_coef = (torch.exp(row.unsqueeze(1) - both).mul_(g)).sum(1)
+        c_coef = (torch.exp(col.unsqueeze(0) - both).mul_(g)).sum(0)
+        if st.same:
+            gd = g.sub_(w_row.mul_((r_coef + c_coef).unsqueeze(1)))
+        else:
+            gd = g.sub_(w_row.mul_(r_coef.unsqueeze(1))).sub_(w_col.mul_(c_coef.unsqueeze(0)))
+        return _fast.finish(st, value, _fast.distance_grad(st, gd, d, squared=False))
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, neg_margin={self.neg_margin}, pos_margin={self.pos_margin}"

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.functional import pairwise_distance, zero_loss
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, MinedTriplets, pair_masks, valid_triplets
 
 
@@ -95,6 +96,55 @@ class MarginLoss(MetricLoss):
             if self.num_classes is None:
                 loss = loss + self.nu * self.beta.to(d.dtype).sum()
             elif float(divisor) != 0:
+                loss = loss + self.nu * beta_sum / divisor
+        return loss
+
+    fast = True
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        if isinstance(mined, MinedTriplets):  # O(T) gathers: the reference path is already lean
+            return self.reference_compute(embeddings, labels, ref_embeddings, ref_labels, ignore_mask, self_cmp, mined)
+        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
+        with torch.no_grad():
+            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            n_pos, n_neg = pos.sum(1), neg.sum(1)
+            none = not bool(((n_pos > 0) & (n_neg > 0)).any())
+            d = None if none else _fast.distance(st, squared=False)
+        if d is None:
+            return zero_loss(embeddings, ref_embeddings, self.beta)
+        with torch.no_grad():
+            dt = d.dtype
+        beta_a = self._anchor_beta(labels, dt)
+        with torch.no_grad():
+            b = beta_a.detach().unsqueeze(1)
+            # Anchors lacking positives or negatives have weight 0 (w⁺ = |N_a|, w⁻ = |P_a|).
+            wp, wn = n_neg.to(dt).unsqueeze(1), n_pos.to(dt).unsqueeze(1)
+            ap = pos.logical_and_(d > b - self.margin)  # ℓ⁺ > 0
+            an = neg.logical_and_(d < b + self.margin)  # ℓ⁻ > 0
+            cp, cn = ap.sum(1, keepdim=True).to(dt).mul_(wp), an.sum(1, keepdim=True).to(dt).mul_(wn)
+            divisor = float(cp.sum() + cn.sum())
+        if divisor == 0:
+            loss = zero_loss(embeddings, ref_embeddings, self.beta)
+        else:
+            with torch.no_grad():
+                zero = d.new_zeros(())
+                G = torch.where(ap, wp, torch.where(an, -wn, zero))
+                # total = Σ_P⁺ w⁺(D − β + m) + Σ_N⁺ w⁻(β − D + m)
+                total = torch.dot(G.view(-1), d.view(-1)) + (cp * (self.margin - b)).sum() + (cn * (b + self.margin)).sum()
+                value = total / divisor
+                g_beta = (cn - cp).squeeze(1).div_(divisor)  # ∂L/∂β_a
+                G = _fast.distance_grad(st, G.div_(divisor), d, squared=False)
+            loss = _fast.finish(st, value, G)
+            if beta_a.requires_grad:
+                loss = loss + (g_beta * (beta_a - beta_a.detach())).sum()
+        if self.learn_beta and self.nu:
+            if self.num_classes is None:
+                loss = loss + self.nu * self.beta.to(dt).sum()
+            elif divisor != 0:
+                beta_sum = (beta_a * (n_pos * n_neg).to(dt)).sum()
                 loss = loss + self.nu * beta_sum / divisor
         return loss
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepmetric.functional import as_float, l2_normalize, zero_loss
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, pair_masks
 
 
@@ -33,6 +34,20 @@ class NPairLoss(MetricLoss):
         ignore_mask: Tensor | None, mined: Mined | None = None,
     ) -> Tensor:
         pos, _ = pair_masks(labels, ref_labels, ignore_mask, mined)
+        return self._from_positives(embeddings, labels, ref_embeddings, pos)
+
+    fast = True
+
+    def fast_compute(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+    ) -> Tensor:
+        # Only the positive mask is needed (no B×B identity); the C×C logits are small and stay on autograd.
+        with torch.no_grad():
+            pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+        return self._from_positives(embeddings, labels, ref_embeddings, pos)
+
+    def _from_positives(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, pos: Tensor) -> Tensor:
         has = pos.any(1)
         if not bool(has.any()):
             return zero_loss(embeddings, ref_embeddings)

@@ -36,6 +36,9 @@ class DataConfig:
     eval_batch_size: int = 256
     validation_fraction: float = 0.2  # class-disjoint slice of the training classes used for model selection
     max_classes: int | None = None  # keep only the first N classes of each split (quick runs)
+    # sampler "epoch" length in batches (default ⌊N/B⌋); epoch-scheduled methods (IAA start/re-estimation,
+    # λ schedule) count these epochs
+    batches_per_epoch: int | None = None
 
 
 @dataclass

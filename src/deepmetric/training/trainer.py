@@ -134,10 +134,13 @@ class Trainer:
         if dc.sampler == "m_per_class":
             return MPerClassBatchSampler(
                 labels, batch_size=dc.batch_size, m=dc.m_per_class, class_choice=dc.class_choice,
-                image_choice=dc.image_choice, seed=self.config.train.seed, rank=self.rank,
-                world_size=self.world_size,
+                image_choice=dc.image_choice, length=dc.batches_per_epoch, seed=self.config.train.seed,
+                rank=self.rank, world_size=self.world_size,
             )
         if dc.sampler == "random":
+            if dc.batches_per_epoch is not None:
+                raise ConfigError("data.batches_per_epoch applies to the m_per_class sampler only "
+                                  "(random sampling is one pass over the data per epoch)")
             return RandomBatchSampler(len(labels), batch_size=dc.batch_size, seed=self.config.train.seed,
                                       rank=self.rank, world_size=self.world_size)
         raise ConfigError(f"unknown data.sampler '{dc.sampler}' (known: m_per_class, random)")

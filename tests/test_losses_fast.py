@@ -109,3 +109,26 @@ def test_new_fast_paths_gradcheck(spec: str) -> None:
     loss = SPECS[spec]().double()
     assert torch.autograd.gradcheck(lambda a: loss(a, y), (x,))
     assert torch.autograd.gradcheck(lambda a, b: loss(a, y, b, yr), (x, r))
+
+
+@pytest.mark.parametrize("spec", ["contrastive", "contrastive_unnormalized", "contrastive_similarity", "ms",
+                                  "margin_per_class_nu"])
+def test_sparse_backward_matches_reference(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the O(nnz·d) sparse backward (used at large B when ∂L/∂S is sparse) on small batches."""
+    from deepmetric.losses import _fast
+
+    monkeypatch.setattr(_fast, "SPARSE_FRACTION", 0.5)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (20,), generator=g)
+    xr = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    yr = torch.randint(0, 5, (16,), generator=g)
+    loss = SPECS[spec]().double()
+    for kw in [{}, {"ref": xr, "ref_labels": yr}]:
+        v0, g0 = _value_and_grads(loss, False, x, y, kw)
+        v1, g1 = _value_and_grads(loss, True, x, y, kw)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), spec
+    xx = x[:10].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: loss(z, y[:10]), (xx,))

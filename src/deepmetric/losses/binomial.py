@@ -64,7 +64,7 @@ class BinomialDevianceLoss(MetricLoss):
         st = _fast.prepare(embeddings, ref_embeddings)
         with torch.no_grad():
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-            n_pos, n_neg = pos.sum(1), neg.sum(1)
+            n_pos, n_neg = _fast.row_count(pos), _fast.row_count(neg)
             has = (n_pos > 0) | (n_neg > 0)
             n_has = int(has.sum())
             if n_has == 0:
@@ -75,9 +75,9 @@ class BinomialDevianceLoss(MetricLoss):
             # (1/|P_i| or 1/|N_i|, ÷ denom; 0 elsewhere). L = Σ c·softplus(a), ∂L/∂S = c·t·softplus'(a).
             wp = n_pos.clamp_min(1).to(s.dtype).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
             wn = n_neg.clamp_min(1).to(s.dtype).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
-            zero = s.new_zeros(())
-            c = torch.where(pos, wp, torch.where(neg, wn, zero))
-            t = torch.where(pos, -self.beta, self.alpha).to(s.dtype)
+            up = _fast.u8(pos)
+            c = (up * wp).addcmul_(_fast.u8(neg), wn)
+            t = _fast.fm(pos, s.dtype).mul_(-self.beta - self.alpha).add_(self.alpha)  # −β on P, α elsewhere
             a = s.sub_(self.margin).mul_(t)
             value = torch.dot(c.view(-1), F.softplus(a).view(-1))
             G = torch.ops.aten.softplus_backward(c.mul_(t), a, 1.0, 20.0)

@@ -145,7 +145,7 @@ class LiftedStructureLoss(MetricLoss):
                     pos, neg = fast_ms_selection(m, pos, neg, self.epsilon)
             else:
                 m = _fast.distance(st, squared=False)
-            ok = pos.any(1) & neg.any(1)
+            ok = _fast.row_any(pos) & _fast.row_any(neg)
             n_ok = int(ok.sum())
             if n_ok == 0:
                 return _fast.zero(st)
@@ -174,20 +174,20 @@ class LiftedStructureLoss(MetricLoss):
             return _fast.finish(st, value, _fast.distance_grad(st, gd, m, squared=False))
 
     def _fast_original(self, st: _fast.PairState, pos: Tensor, neg: Tensor, norm: bool) -> Tensor:
-        n_pos = int(pos.sum())
-        if n_pos == 0 or not bool(neg.any()):
+        n_pos = _fast.count(pos)
+        row_has = _fast.row_any(neg)
+        if n_pos == 0 or not bool(row_has.any()):
             return _fast.zero(st)
         d = _fast.distance(st, squared=False)
         bound = (2.0 if norm else float("inf")) + abs(self.neg_margin)
         mt = d.neg().add_(self.neg_margin)
-        row_has = neg.any(1)
         if st.same:
             row, w_row = _fast.log_sum_exp(mt, neg, bound)
             col, w_col, col_has = row, w_row, row_has
         else:
             row, w_row = _fast.log_sum_exp(mt.clone(), neg, bound)
             colT, w_colT = _fast.log_sum_exp(mt.t(), neg.t(), bound)  # R: over the batch rows
-            col, w_col, col_has = colT, w_colT.t(), neg.any(0)
+            col, w_col, col_has = colT, w_colT.t(), _fast.row_any(neg, 0)
         fmin = torch.finfo(d.dtype).min
         row = row.masked_fill(~row_has, fmin)  # the reference's empty log-sum-exp
         col = row if st.same else col.masked_fill(~col_has, fmin)
@@ -195,7 +195,7 @@ class LiftedStructureLoss(MetricLoss):
         keep = pos.logical_and_(row_has.unsqueeze(1) | col_has.unsqueeze(0))
         j = both.add(d).sub_(self.pos_margin)
         act = keep.logical_and_(j > 0)
-        jr = j.mul_(act)
+        jr = j.mul_(_fast.u8(act))
         value = jr.dot(jr.flatten()) if jr.dim() == 1 else torch.dot(jr.view(-1), jr.view(-1))
         value = value / (2.0 * n_pos)
         g = jr.div_(n_pos)  # ∂L/∂J on kept pairs, ∂J/∂D direct = 1

@@ -110,7 +110,7 @@ class MarginLoss(MetricLoss):
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
         with torch.no_grad():
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-            n_pos, n_neg = pos.sum(1), neg.sum(1)
+            n_pos, n_neg = _fast.row_count(pos), _fast.row_count(neg)
             none = not bool(((n_pos > 0) & (n_neg > 0)).any())
             d = None if none else _fast.distance(st, squared=False)
         if d is None:
@@ -124,18 +124,19 @@ class MarginLoss(MetricLoss):
             wp, wn = n_neg.to(dt).unsqueeze(1), n_pos.to(dt).unsqueeze(1)
             ap = pos.logical_and_(d > b - self.margin)  # ℓ⁺ > 0
             an = neg.logical_and_(d < b + self.margin)  # ℓ⁻ > 0
-            cp, cn = ap.sum(1, keepdim=True).to(dt).mul_(wp), an.sum(1, keepdim=True).to(dt).mul_(wn)
+            cp = _fast.row_count(ap).unsqueeze(1).to(dt).mul_(wp)
+            cn = _fast.row_count(an).unsqueeze(1).to(dt).mul_(wn)
             divisor = float(cp.sum() + cn.sum())
         if divisor == 0:
             loss = zero_loss(embeddings, ref_embeddings, self.beta)
         else:
             with torch.no_grad():
-                zero = d.new_zeros(())
-                G = torch.where(ap, wp, torch.where(an, -wn, zero))
+                G = (_fast.u8(ap) * wp).sub_(_fast.u8(an) * wn)
                 # total = Σ_P⁺ w⁺(D − β + m) + Σ_N⁺ w⁻(β − D + m)
                 total = torch.dot(G.view(-1), d.view(-1)) + (cp * (self.margin - b)).sum() + (cn * (b + self.margin)).sum()
                 value = total / divisor
                 g_beta = (cn - cp).squeeze(1).div_(divisor)  # ∂L/∂β_a
+                st.nnz = _fast.count(ap) + _fast.count(an)
                 G = _fast.distance_grad(st, G.div_(divisor), d, squared=False)
             loss = _fast.finish(st, value, G)
             if beta_a.requires_grad:

@@ -131,9 +131,10 @@ class MultiSimilarityLoss(MetricLoss):
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             if self.mining:
                 pos, neg = fast_ms_selection(sim, pos, neg, self.epsilon)
-                contributing = pos.any(1) & neg.any(1)
+                contributing = _fast.row_any(pos) & _fast.row_any(neg)
+                st.nnz = _fast.count(pos) + _fast.count(neg)  # G is zero outside the mined pairs
             else:
-                contributing = pos.any(1) | neg.any(1)
+                contributing = _fast.row_any(pos) | _fast.row_any(neg)
             n_contrib = int(contributing.sum())
             if n_contrib == 0:
                 return _fast.zero(st)
@@ -141,17 +142,18 @@ class MultiSimilarityLoss(MetricLoss):
             base = self.base
             bound_p, bound_n = pos_scale * (1.0 + abs(base)), neg_scale * (1.0 + abs(base))
             # The terms are log(1 + Σ e^{a}) with a = ∓scale·(S − λ); ∂L/∂S = W_neg − W_pos.
-            v_p, w_p = _fast.log1p_sum_exp(sim.mul(-pos_scale).add_(pos_scale * base), pos, bound_p)
-            v_n, w_n = _fast.log1p_sum_exp(sim.mul_(neg_scale).sub_(neg_scale * base), neg, bound_n)
-            per_anchor = v_p / pos_scale + v_n / neg_scale
-            denom = per_anchor.shape[0] if self.reduction == "batch" else n_contrib
+            denom = contributing.shape[0] if self.reduction == "batch" else n_contrib
             row = contributing.to(sim.dtype).mul_(factor / denom)
-            if self.mining and n_contrib < contributing.shape[0]:
-                value = per_anchor.dot(row)
-                G = w_n.sub_(w_p).mul_(row.unsqueeze(1))
-            else:
-                value = per_anchor.sum() * (factor / denom)
-                G = w_n.sub_(w_p).mul_(factor / denom)
+            rowed = self.mining and n_contrib < contributing.shape[0]
+            k = row.unsqueeze(1) if rowed else factor / denom  # folded into W's normalisation
+            # a = ∓scale·(S − λ) in one pass each (the second in place)
+            a_p = torch.add(sim.new_tensor(pos_scale * base), sim, alpha=-pos_scale)
+            v_p, w_p = _fast.log1p_sum_exp(a_p, pos, bound_p, k)
+            a_n = torch.add(sim.new_tensor(-neg_scale * base), sim, alpha=neg_scale, out=sim)
+            v_n, w_n = _fast.log1p_sum_exp(a_n, neg, bound_n, k)
+            per_anchor = v_p.div_(pos_scale).add_(v_n, alpha=1.0 / neg_scale)
+            value = per_anchor.dot(row) if rowed else per_anchor.sum() * (factor / denom)
+            G = w_n.sub_(w_p)
         return _fast.finish(st, value, G)
 
     def extra_repr(self) -> str:

@@ -51,7 +51,7 @@ class NCALoss(MetricLoss):
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
         with torch.no_grad():
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-            has = pos.any(1)
+            has = _fast.row_any(pos)
             n_has = int(has.sum())
             if n_has == 0:
                 return _fast.zero(st)
@@ -60,8 +60,8 @@ class NCALoss(MetricLoss):
             a = _fast.distance(st, squared=True).mul_(-s)  # logits ≤ 0
             # On unit rows D² ≤ 4: e^{a} neither overflows nor underflows to 0 below the safe exponent.
             if self.normalize_embeddings and 4.0 * (1.0 + 1e-3) * abs(s) < _fast.EXP_SAFE.get(a.dtype, 0.0):
-                e = a.exp_().mul_(valid)
-                ep = e * pos
+                e = a.exp_().mul_(_fast.u8(valid))
+                ep = e * _fast.u8(pos)
                 lse_a, lse_p = torch.log(e.sum(1)), torch.log(ep.sum(1))
                 za, zp = e.sum(1, keepdim=True), ep.sum(1, keepdim=True)
             else:

@@ -34,7 +34,10 @@ class NPairLoss(MetricLoss):
         ignore_mask: Tensor | None, mined: Mined | None = None,
     ) -> Tensor:
         pos, _ = pair_masks(labels, ref_labels, ignore_mask, mined)
-        return self._from_positives(embeddings, labels, ref_embeddings, pos)
+        has = pos.any(1)
+        if not bool(has.any()):
+            return zero_loss(embeddings, ref_embeddings)
+        return self._from_first_positive(embeddings, labels, ref_embeddings, has, _fast.u8(pos).argmax(1))
 
     fast = True
 
@@ -42,17 +45,38 @@ class NPairLoss(MetricLoss):
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
-        # Only the positive mask is needed (no B×B identity); the C×C logits are small and stay on autograd.
+        # The first positive column per anchor; the C×C logits are small and stay on autograd.
+        like = (embeddings,) if ref_embeddings is embeddings else (embeddings, ref_embeddings)
         with torch.no_grad():
-            pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-        return self._from_positives(embeddings, labels, ref_embeddings, pos)
+            if ignore_mask is None and mined is None:
+                # No B×R mask: stable sort of the reference labels, the first index of the anchor's class
+                # (the second one when the first is the anchor itself under self comparison).
+                r = ref_labels.shape[0]
+                sorted_l, order = torch.sort(ref_labels, stable=True)
+                lab = labels.to(device=sorted_l.device, dtype=sorted_l.dtype)
+                lo = torch.searchsorted(sorted_l, lab)
+                cnt = torch.searchsorted(sorted_l, lab, right=True) - lo
+                first_pos = order[lo.clamp_max(r - 1)]
+                if self_cmp:
+                    second = order[(lo + 1).clamp_max(r - 1)]
+                    first_pos = torch.where(first_pos == torch.arange(labels.shape[0], device=labels.device),
+                                            second, first_pos)
+                    has = cnt >= 2
+                else:
+                    has = cnt >= 1
+            else:
+                pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+                has = _fast.row_any(pos)
+                first_pos = _fast.u8(pos).argmax(1)  # index of the first True per row
+            none = not bool(has.any())
+        if none:
+            return zero_loss(*like)
+        return self._from_first_positive(embeddings, labels, ref_embeddings, has, first_pos)
 
-    def _from_positives(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, pos: Tensor) -> Tensor:
-        has = pos.any(1)
-        if not bool(has.any()):
-            return zero_loss(embeddings, ref_embeddings)
+    def _from_first_positive(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, has: Tensor, first_pos: Tensor,
+    ) -> Tensor:
         b = labels.shape[0]
-        first_pos = pos.to(torch.uint8).argmax(1)  # index of the first True per row
         _, cls = torch.unique(labels, return_inverse=True)
         rows = torch.arange(b, device=labels.device)
         cand = torch.where(has, rows, torch.full_like(rows, b))
@@ -65,4 +89,5 @@ class NPairLoss(MetricLoss):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = x @ y.t()
         target = torch.arange(anchors.shape[0], device=logits.device)
-        return F.cross_entropy(logits, target) + zero_loss(embeddings, ref_embeddings)
+        like = (embeddings,) if ref_embeddings is embeddings else (embeddings, ref_embeddings)
+        return F.cross_entropy(logits, target) + zero_loss(*like)

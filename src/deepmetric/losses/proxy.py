@@ -115,12 +115,14 @@ class ProxyAnchorLoss(ProxyLoss):
             onehot[labels, torch.arange(labels.shape[0], device=labels.device)] = True
             a, m = self.alpha, self.margin
             bound = a * (1.0 + abs(m))
-            v_p, w_p = _fast.log1p_sum_exp(cos.mul(-a).add_(a * m), onehot, bound)
-            v_n, w_n = _fast.log1p_sum_exp(cos.mul_(a).add_(a * m), ~onehot, bound)
-            n_with_pos = float(max(int(onehot.any(1).sum()), 1))
+            n_with_pos = float(max(int(_fast.row_any(onehot).sum()), 1))
+            # ∂L/∂cos = −α·W⁺/|P⁺| + α·W⁻/C (the factors folded into the softmax normalisation)
+            a_p = torch.add(cos.new_tensor(a * m), cos, alpha=-a)
+            v_p, w_p = _fast.log1p_sum_exp(a_p, onehot, bound, a / n_with_pos)
+            v_n, w_n = _fast.log1p_sum_exp(torch.add(cos.new_tensor(a * m), cos, alpha=a, out=cos), ~onehot, bound,
+                                           a / self.num_classes)
             value = v_p.sum() / n_with_pos + v_n.sum() / self.num_classes
-            # ∂L/∂cos = −α·W⁺/|P⁺| + α·W⁻/C
-            G = w_n.mul_(a / self.num_classes).sub_(w_p, alpha=a / n_with_pos).t()
+            G = w_n.sub_(w_p).t()
         return _fast.finish(st, value, G)
 
 

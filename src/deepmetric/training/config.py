@@ -104,7 +104,7 @@ class SchedulerConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 600
-    eval_every: int = 0  # 0 = only before and after training
+    eval_every: int = 150  # validate (model selection) every N iterations; 0 = only at the end
     frozen_backbone_iterations: int = 0  # warm-up: train only head (+ loss params) first
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto

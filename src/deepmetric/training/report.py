@@ -246,12 +246,13 @@ def _metrics_section(run: RunArtifacts) -> str:
     rows = []
     for k in _metric_order(numeric):
         b, a = before.get(k), after.get(k)
+        # counts (n_queries, n_queries_without_relevant) are shown as integers, not percentages
+        pct = not k.startswith(("n_", "num_")) and not k.endswith("_count")
         delta = ""
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        if pct and isinstance(a, (int, float)) and isinstance(b, (int, float)):
             d = 100 * (a - b)
             delta = f'<span class="{"up" if d >= 0 else "down"}">{d:+.2f}</span>'
-        pct = not k.startswith("num_") and not k.endswith("_count")
-        fmt = _pct if pct else (lambda v: "–" if v is None else str(v))
+        fmt = _pct if pct else (lambda v: "–" if v is None else f"{int(v):,}")
         rows.append(f"<tr><th>{html.escape(k)}</th><td>{fmt(b)}</td><td>{fmt(a)}</td><td>{delta}</td></tr>")
     table = ('<table class="metrics"><thead><tr><th>test metric (%)</th><th>before training</th>'
              '<th>after training</th><th>Δ</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"

@@ -144,3 +144,60 @@ def test_two_process_gloo_training_evaluates_once(tmp_path):
     assert out.stdout.count("run directory:") == 1
     train_records = [r for r in records if r.get("split") == "train"]
     assert train_records and all(r["step"] <= 6 for r in train_records)
+
+
+def test_reality_check_cli_runs_folds_and_seeds(tmp_path):
+    out = tmp_path / "rc"
+    sets = [x for item in TINY + ["train.iterations=2", "data.max_classes=16"] for x in ("--set", item)]
+    res = _cli("reality-check", "--output", str(out), "--seeds", "0", "1", *sets)
+    assert res.returncode == 0, res.stderr[-2000:]
+    payload = json.loads((out / "reality_check.json").read_text())
+    assert payload["seeds"] == [0, 1]
+    assert len(payload["per_seed"][0]["per_fold"]) == 4
+    ci = payload["summary"]["concatenated"]["map@r"]
+    assert ci["n"] == 2 and ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+    assert sorted(p.name for p in (out / "seed1").iterdir()) == ["fold0", "fold1", "fold2", "fold3"]
+    assert "separated" in res.stdout and "map@r" in res.stdout
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from deepmetric.training.trainer import TrainingDiverged
+
+    cfg = load_config(None, TINY + ["train.iterations=10", "train.checkpoint_every=1"])
+    trainer = Trainer(cfg, create_run_dir(tmp_path / "run"))
+    real_forward = trainer.criterion.forward
+
+    def poisoned(embeddings, labels, **kwargs):
+        loss, logs = real_forward(embeddings, labels, **kwargs)
+        if kwargs.get("step") == 4:
+            loss = loss * float("nan")
+            logs = {**logs, "loss": float("nan")}
+        return loss, logs
+
+    monkeypatch.setattr(trainer.criterion, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"step 4 in term\(s\): loss") as info:
+        trainer.fit()
+    assert "last.pt" in str(info.value)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    weights = state["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_optional_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    cfg = load_config(None, TINY + ["train.iterations=10", "train.loggers=[tensorboard]"])
+    Trainer(cfg, create_run_dir(tmp_path / "run")).fit()
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_epoch_based_length_and_schedule(tmp_path):
+    cfg = load_config(None, TINY + ["train.epochs=2", "data.batches_per_epoch=3", "scheduler.name=multistep",
+                                    "scheduler.unit=epochs", "scheduler.milestones=[1]", "scheduler.gamma=0.5"])
+    trainer = Trainer(cfg, create_run_dir(tmp_path / "run"))
+    assert trainer.iterations == 6
+    base = trainer.optimizer.param_groups[0]["lr"]
+    trainer.fit()
+    assert trainer.step == 6
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)

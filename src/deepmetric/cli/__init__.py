@@ -9,7 +9,7 @@ import sys
 from deepmetric import __version__
 
 # sub-command name -> module under deepmetric.cli providing add_parser(subparsers) and run(args) -> int
-COMMANDS = ("train", "evaluate", "embed", "search", "report", "recipes")
+COMMANDS = ("train", "evaluate", "embed", "search", "report", "recipes", "reality_check")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,7 +156,7 @@ def build_criterion(cfg: ExperimentConfig, num_classes: int, batches_per_epoch: 
     auto: dict[str, Any] = {"num_classes": num_classes, "embedding_size": cfg.model.embedding_size}
     if batches_per_epoch:
         # epoch-scheduled methods (IAA's λ schedule) see the run length in sampler epochs
-        auto["total_epochs"] = max(1, -(-cfg.train.iterations // batches_per_epoch))
+        auto["total_epochs"] = cfg.train.epochs or max(1, -(-cfg.train.iterations // batches_per_epoch))
     loss = _construct(_lookup(LOSSES, cfg.loss.name, "loss.name"), cfg.loss.params, "loss.params", **auto)
     miner = None
     if cfg.loss.miner:

@@ -99,11 +99,14 @@ class SchedulerConfig:
     warmup_iterations: int = 0
     warmup_factor: float = 0.01
     plateau_patience: int = 4
+    # unit of milestones / step_size / warmup_iterations: "iterations" or "epochs" (sampler epochs)
+    unit: str = "iterations"
 
 
 @dataclass
 class TrainConfig:
     iterations: int = 600
+    epochs: int | None = None  # if set, train for this many sampler epochs instead of `iterations`
     eval_every: int = 150  # validate (model selection) every N iterations; 0 = only at the end
     frozen_backbone_iterations: int = 0  # warm-up: train only head (+ loss params) first
     seed: int = 0
@@ -115,6 +118,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     checkpoint_every: int = 0  # 0 = final only
     progress: bool = True
+    # extra metric sinks besides metrics.jsonl: "tensorboard" (extra `tensorboard`), "wandb" (extra `wandb`;
+    # runs offline unless WANDB_MODE says otherwise)
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass

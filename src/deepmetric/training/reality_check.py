@@ -221,7 +221,8 @@ def summarize(results: Sequence[SeedResult], confidence: float = 0.95) -> dict[s
 
 def format_summary(summary: Mapping[str, Mapping[str, MeanCI]]) -> str:
     """A plain-text table in percent: metric, separated, concatenated."""
-    keys = sorted(set(summary.get("separated", {})) | set(summary.get("concatenated", {})))
+    keys = sorted(k for k in set(summary.get("separated", {})) | set(summary.get("concatenated", {}))
+                  if not k.startswith("n_"))  # query counts are bookkeeping, not metrics
 
     def cell(ci: MeanCI | None) -> str:
         if ci is None:

@@ -36,7 +36,7 @@ from deepmetric.training.builders import (
 from deepmetric.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from deepmetric.training.config import ConfigError, ExperimentConfig, config_from_dict, save_config
 from deepmetric.training.inference import embed_dataset
-from deepmetric.training.run_dir import JsonlLogger
+from deepmetric.training.loggers import MetricLogger
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,9 +117,11 @@ class Trainer:
             )
             self.criterion = dist_utils.wrap_criterion(self.criterion, self.dist)
         self.optimizer = build_optimizer(config.optimizer, self.model, self.criterion)
-        self.scheduler = build_scheduler(config.scheduler, self.optimizer)
+        self.iterations = self._resolve_length()
+        self.scheduler = build_scheduler(self._scheduler_in_iterations(), self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
-        self.logger = JsonlLogger(self.run_dir / "metrics.jsonl")
+        self.logger = MetricLogger(self.run_dir, tc.loggers if self.is_main else [], run_name=config.name,
+                                   config=_plain(config))
         self.step = 0
         self.best: dict[str, Any] = {"metric": None, "step": None}
         self.evaluations_without_improvement = 0
@@ -144,6 +146,32 @@ class Trainer:
             return RandomBatchSampler(len(labels), batch_size=dc.batch_size, seed=self.config.train.seed,
                                       rank=self.rank, world_size=self.world_size)
         raise ConfigError(f"unknown data.sampler '{dc.sampler}' (known: m_per_class, random)")
+
+    def _resolve_length(self) -> int:
+        """Total iterations: ``train.epochs`` sampler epochs when set, else ``train.iterations``."""
+        tc = self.config.train
+        if tc.epochs is not None:
+            if tc.epochs < 1:
+                raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
+            return tc.epochs * len(self.sampler)
+        if tc.iterations < 1:
+            raise ConfigError(f"train.iterations must be >= 1, got {tc.iterations}")
+        return tc.iterations
+
+    def _scheduler_in_iterations(self) -> Any:
+        """The scheduler config with epoch-based milestones converted to iterations."""
+        import dataclasses
+
+        sc = self.config.scheduler
+        if sc.unit == "iterations":
+            return sc
+        if sc.unit != "epochs":
+            raise ConfigError(f"scheduler.unit must be 'iterations' or 'epochs', got {sc.unit!r}")
+        per_epoch = len(self.sampler)
+        return dataclasses.replace(
+            sc, unit="iterations", milestones=[m * per_epoch for m in sc.milestones],
+            step_size=sc.step_size * per_epoch, warmup_iterations=sc.warmup_iterations * per_epoch,
+        )
 
     def _loader(self) -> DataLoader:
         # A private generator: creating a DataLoader iterator draws a worker base seed from it, and drawing
@@ -384,7 +412,7 @@ class Trainer:
                 if metrics is not None:
                     self.before[split] = metrics
                     self.logger.log({"step": 0, "split": split, "phase": "before", **metrics})
-        iterations = tc.iterations
+        iterations = self.iterations
         loader_iter = None
         progress = tqdm(total=iterations, initial=self.step, desc="train", disable=not (tc.progress and self.is_main),
                         dynamic_ncols=True)
@@ -441,6 +469,7 @@ class Trainer:
                              steps=self.step, seconds=time.perf_counter() - start_time)
         if self.is_main:
             self._write_results(result)
+        self.logger.close()
         return result
 
     def _write_results(self, result: TrainResult) -> None:

@@ -132,3 +132,26 @@ def test_sparse_backward_matches_reference(spec: str, monkeypatch: pytest.Monkey
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), spec
     xx = x[:10].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: loss(z, y[:10]), (xx,))
+
+
+def test_lean_path_leaves_no_reference_cycle_behind():
+    """The lean autograd Function must not keep its B×R state alive through a loss → node → state → loss cycle
+    (that held ~155 MB per step under cross-batch memory until the garbage collector happened to run)."""
+    import gc
+    import weakref
+
+    from deepmetric.losses import ContrastiveLoss, MultiSimilarityLoss
+
+    for loss_fn in (MultiSimilarityLoss(), ContrastiveLoss()):
+        x = torch.randn(16, 8, requires_grad=True)
+        labels = torch.arange(4).repeat_interleave(4)
+        gc.collect()
+        gc.disable()
+        try:
+            loss = loss_fn(x, labels)
+            ref = weakref.ref(loss)
+            loss.backward()
+            del loss
+            assert ref() is None, type(loss_fn).__name__
+        finally:
+            gc.enable()

@@ -77,7 +77,11 @@ class _PairMatrixGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, r: Tensor | None, st: "PairState") -> Tensor:  # type: ignore[override]
         ctx.st = st
-        return st.value
+        # Hand the value over instead of keeping it on ``st``: the output tensor gets this node as grad_fn, so
+        # st.value → grad_fn → ctx → st would be a reference cycle that keeps G (B×R) and the normalised
+        # references (R×d) alive until Python's cyclic GC runs — hundreds of MB per step with a large memory.
+        value, st.value = st.value, None
+        return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -33,7 +33,7 @@ TINY = [
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "deepmetric", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, check=False)
 
 
 def test_tiny_run_lowers_the_loss(tmp_path):
@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
         if ckpt.exists():
             try:
                 step = int(torch.load(ckpt, weights_only=True)["step"])
-            except Exception:  # being replaced right now: the rename is atomic, retry
+            except (RuntimeError, EOFError, OSError):  # a half-read file being replaced: retry
                 step = 0
             if step >= kill_after:
                 break
@@ -135,7 +135,7 @@ def test_two_process_gloo_training_evaluates_once(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "deepmetric", "train", "--output", str(run), *sets],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

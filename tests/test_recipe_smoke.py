@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_layouts import make_cars, make_cub, make_inshop, make_sop
 
 from deepmetric.training.config import load_config
 from deepmetric.training.recipes import recipe_paths
 from deepmetric.training.run_dir import create_run_dir
 from deepmetric.training.trainer import Trainer
-from fixtures_layouts import make_cars, make_cub, make_inshop, make_sop
 
 PER_CLASS = 3
 RECIPES = recipe_paths()

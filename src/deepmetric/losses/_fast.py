@@ -32,7 +32,7 @@ EXP_SAFE = {torch.float32: 80.0, torch.float64: 700.0}
 class Normalized:
     """x̂ = x / max(‖x‖, eps) computed without autograd, with what the backward needs."""
 
-    __slots__ = ("x", "xn", "inv", "proj", "sq")
+    __slots__ = ("inv", "proj", "sq", "x", "xn")
 
     def __init__(self, x: Tensor, normalize: bool = True) -> None:
         self.x = x
@@ -75,7 +75,7 @@ class _PairMatrixGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, r: Tensor | None, st: "PairState") -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, r: Tensor | None, st: PairState) -> Tensor:  # type: ignore[override]
         ctx.st = st
         # Hand the value over instead of keeping it on ``st``: the output tensor gets this node as grad_fn, so
         # st.value → grad_fn → ctx → st would be a reference cycle that keeps G (B×R) and the normalised
@@ -130,7 +130,7 @@ class _PairMatrixGrad(torch.autograd.Function):
 SPARSE_FRACTION = 16  # backward through index_add instead of the GEMM when nnz(G) < B·R / 16
 
 
-def _sparse_backward(st: "PairState", G: Tensor, need_x: bool, need_r: bool, go: Tensor):
+def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: Tensor):
     """The backward GEMM(s) as COO sparse × dense products, O(nnz·d), for a sparse ∂L/∂S (hinge losses)."""
     co = G.to_sparse()
     xn, rn = st.nx.xn, st.nr.xn
@@ -159,7 +159,7 @@ class PairState:
     (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S. ``nnz``: optional bound on the non-zeros of G; a sparse G (hinge losses,
 mined pairs) is back-propagated by index_add in O(nnz·d) instead of the B×R×d GEMM."""
 
-    __slots__ = ("value", "G", "nx", "nr", "same", "dx", "dr", "direct", "grad", "nnz")
+    __slots__ = ("G", "direct", "dr", "dx", "grad", "nnz", "nr", "nx", "same", "value")
 
     def __init__(self, nx: Normalized, nr: Normalized, same: bool) -> None:
         self.grad = torch.is_grad_enabled()  # the caller's grad mode: finish() attaches a graph only then

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deepmetric.losses import _fast
-
 from deepmetric.functional import cosine_similarity_matrix, masked_mean, zero_loss
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MetricLoss, Mined, pair_masks
 
 

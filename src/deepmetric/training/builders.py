@@ -57,7 +57,7 @@ class DataBundle:
 
     @property
     def num_train_classes(self) -> int:
-        return int(len(set(dataset_labels(self.train).tolist())))
+        return len(set(dataset_labels(self.train).tolist()))
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:

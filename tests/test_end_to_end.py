@@ -201,3 +201,19 @@ def test_epoch_based_length_and_schedule(tmp_path):
     trainer.fit()
     assert trainer.step == 6
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)
+
+
+def test_optional_wandb_logger_runs_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    from deepmetric.training.loggers import MetricLogger
+
+    logger = MetricLogger(tmp_path, ["wandb"], run_name="t", config={"name": "t"})
+    logger.log({"step": 1, "split": "train", "loss": 0.5})
+    logger.log({"step": 2, "split": "validation", "map@r": 0.25})
+    logger.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run (it must not need an account or network)"
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -35,6 +35,20 @@ def euclidean_distance_matrix(x: Tensor, y: Tensor, squared: bool = False, eps: 
     return sq if squared else torch.sqrt(sq + eps)
 
 
+def check_loss_inputs(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None,
+                      ref_labels: Tensor | None) -> None:
+    """Shape checks shared by every loss entry point; errors say what was expected."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be 1-D with one label per embedding row: got labels {tuple(labels.shape)} "
+            f"for embeddings {tuple(embeddings.shape)}"
+        )
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels must be given together")
+
+
 def resolve_reference(
     embeddings: Tensor,
     labels: Tensor,
@@ -48,15 +62,7 @@ def resolve_reference(
     index). With explicit references nothing is ignored unless ``ignore_mask`` (B×R, True = never use this pair)
     says so; cross-batch memory and synthesis wrappers use it to drop an anchor's own memory slot or copies.
     """
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with one label per embedding row: got labels {tuple(labels.shape)} "
-            f"for embeddings {tuple(embeddings.shape)}"
-        )
-    if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("ref_embeddings and ref_labels must be given together")
+    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels)
     if ref_embeddings is None:
         n = embeddings.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=embeddings.device)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from deepmetric.functional import check_loss_inputs
+
 if TYPE_CHECKING:
     from deepmetric.losses.base import Mined, MinedTriplets
 
@@ -264,15 +266,7 @@ def resolve(
     Returns (references, reference labels, ignore_mask, self_comparison); with ``self_comparison`` the diagonal
     is an ignored pair in addition to ``ignore_mask``.
     """
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with one label per embedding row: got labels {tuple(labels.shape)} "
-            f"for embeddings {tuple(embeddings.shape)}"
-        )
-    if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("ref_embeddings and ref_labels must be given together")
+    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels)
     if ref_embeddings is None:
         if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], embeddings.shape[0]):
             raise ValueError(

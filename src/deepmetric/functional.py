@@ -36,8 +36,11 @@ def euclidean_distance_matrix(x: Tensor, y: Tensor, squared: bool = False, eps: 
 
 
 def check_loss_inputs(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None,
-                      ref_labels: Tensor | None) -> None:
-    """Shape checks shared by every loss entry point; errors say what was expected."""
+                      ref_labels: Tensor | None, ignore_mask: Tensor | None = None) -> None:
+    """Shape checks shared by every loss entry point (reference and lean paths); errors say what was expected.
+
+    ``ignore_mask`` must be B×R, where R = B when the batch is compared with itself.
+    """
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
@@ -47,6 +50,18 @@ def check_loss_inputs(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor
         )
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
+    if ref_embeddings is not None:
+        if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_embeddings must be 2-D with dim {embeddings.shape[1]}, got {tuple(ref_embeddings.shape)}"
+            )
+        if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
+            raise ValueError("ref_labels must be 1-D with one label per ref_embeddings row")
+    n_ref = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
+    if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], n_ref):
+        raise ValueError(
+            f"ignore_mask must have shape (B, R) = {(embeddings.shape[0], n_ref)}, got {tuple(ignore_mask.shape)}"
+        )
 
 
 def resolve_reference(
@@ -62,23 +77,12 @@ def resolve_reference(
     index). With explicit references nothing is ignored unless ``ignore_mask`` (B×R, True = never use this pair)
     says so; cross-batch memory and synthesis wrappers use it to drop an anchor's own memory slot or copies.
     """
-    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels)
+    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
     if ref_embeddings is None:
         n = embeddings.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=embeddings.device)
         ignore_mask = eye if ignore_mask is None else (ignore_mask | eye)
         return embeddings, labels, ignore_mask
-    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings must be 2-D with dim {embeddings.shape[1]}, got {tuple(ref_embeddings.shape)}"
-        )
-    if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
-        raise ValueError("ref_labels must be 1-D with one label per ref_embeddings row")
-    if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], ref_embeddings.shape[0]):
-        raise ValueError(
-            f"ignore_mask must have shape (B, R) = {(embeddings.shape[0], ref_embeddings.shape[0])}, "
-            f"got {tuple(ignore_mask.shape)}"
-        )
     return ref_embeddings, ref_labels, ignore_mask
 
 

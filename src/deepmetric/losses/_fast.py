@@ -266,24 +266,9 @@ def resolve(
     Returns (references, reference labels, ignore_mask, self_comparison); with ``self_comparison`` the diagonal
     is an ignored pair in addition to ``ignore_mask``.
     """
-    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels)
+    check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
     if ref_embeddings is None:
-        if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], embeddings.shape[0]):
-            raise ValueError(
-                f"ignore_mask must have shape (B, B) = {(embeddings.shape[0],) * 2}, got {tuple(ignore_mask.shape)}"
-            )
         return embeddings, labels, ignore_mask, True
-    if ref_embeddings.dim() != 2 or ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings must be 2-D with dim {embeddings.shape[1]}, got {tuple(ref_embeddings.shape)}"
-        )
-    if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
-        raise ValueError("ref_labels must be 1-D with one label per ref_embeddings row")
-    if ignore_mask is not None and ignore_mask.shape != (embeddings.shape[0], ref_embeddings.shape[0]):
-        raise ValueError(
-            f"ignore_mask must have shape (B, R) = {(embeddings.shape[0], ref_embeddings.shape[0])}, "
-            f"got {tuple(ignore_mask.shape)}"
-        )
     return ref_embeddings, ref_labels, ignore_mask, False
 
 

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from deepmetric.functional import check_loss_inputs
+
 LossFn = Callable[..., Tensor]
 
 
@@ -148,12 +150,9 @@ def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
 
 
 def check_embeddings(embeddings: Tensor, labels: Tensor, where: str, dim: int | None = None) -> None:
-    if embeddings.dim() != 2:
-        raise ValueError(f"{where}: embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"{where}: labels must be 1-D with one label per row: got {tuple(labels.shape)} for embeddings "
-            f"{tuple(embeddings.shape)}"
-        )
+    try:
+        check_loss_inputs(embeddings, labels, None, None)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     if dim is not None and embeddings.shape[1] != dim:
         raise ValueError(f"{where}: expected embedding_size={dim}, got embeddings of width {embeddings.shape[1]}")

@@ -407,11 +407,10 @@ class Trainer:
                       "published tables; these numbers are optimistically biased.")
         if self.step == 0:
             self.before = {}
-            for split in ("test",):
-                metrics = self.evaluate_split(split)
-                if metrics is not None:
-                    self.before[split] = metrics
-                    self.logger.log({"step": 0, "split": split, "phase": "before", **metrics})
+            metrics = self.evaluate_split("test")  # untrained baseline; never used for selection
+            if metrics is not None:
+                self.before["test"] = metrics
+                self.logger.log({"step": 0, "split": "test", "phase": "before", **metrics})
         iterations = self.iterations
         loader_iter = None
         progress = tqdm(total=iterations, initial=self.step, desc="train", disable=not (tc.progress and self.is_main),
@@ -473,7 +472,7 @@ class Trainer:
         return result
 
     def _write_results(self, result: TrainResult) -> None:
-        torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+        save_atomic(self.model.state_dict(), self.run_dir / "model.pt")
         payload = {
             "name": self.config.name,
             "protocol": self.config.train.protocol,

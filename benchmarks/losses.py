@@ -38,6 +38,49 @@ SLOW_PML_S = 20.0
 N_PROXY_CLASSES = 100
 
 
+class _GemmFloor(torch.autograd.Function):
+    """The work every exact loss on a dense similarity matrix must do, and nothing else: normalise x (and the
+    references), S = x̂ r̂ᵀ, one read of S (value = ΣS); backward with an all-ones ∂L/∂S (dense, written once):
+    (G + Gᵀ)·x̂ for a self comparison, G·r̂ and Gᵀ·x̂ with separate references, and the normalisation backward.
+    Its time over PML's is the lowest ratio any implementation with a dense gradient can reach on this CPU."""
+
+    @staticmethod
+    def forward(ctx, x, r):  # type: ignore[override]
+        ix = torch.linalg.vector_norm(x, dim=1, keepdim=True).reciprocal_()
+        xn = x * ix
+        if r is None:
+            rn, ir = xn, ix
+        else:
+            ir = torch.linalg.vector_norm(r, dim=1, keepdim=True).reciprocal_()
+            rn = r * ir
+        ctx.save_for_backward(xn, rn, ix, ir)
+        ctx.same = r is None
+        return torch.mm(xn, rn.t()).sum()
+
+    @staticmethod
+    def backward(ctx, go):  # type: ignore[override]
+        xn, rn, ix, ir = ctx.saved_tensors
+        g = torch.ones(xn.shape[0], rn.shape[0], dtype=xn.dtype, device=xn.device)
+
+        def unnormalise(gn: torch.Tensor, n: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+            return gn.addcmul_(n, torch.linalg.vecdot(n, gn).unsqueeze(1), value=-1.0).mul_(inv)
+
+        if ctx.same:
+            return unnormalise(torch.mm(g.t().contiguous().add_(g), xn), xn, ix), None
+        return unnormalise(torch.mm(g, rn), xn, ix), unnormalise(torch.mm(g.t(), xn), rn, ir)
+
+
+def _floor(kind: str, b: int, device: torch.device) -> Callable | None:
+    """The GEMM floor of a case: ``self`` (B×B), ``proxies`` (B×C with learnable C×d), or None (not binding)."""
+    if kind == "self":
+        return lambda x: _GemmFloor.apply(x, None)
+    n_ref = {"proxies": N_PROXY_CLASSES, "proxies10": 10 * N_PROXY_CLASSES}.get(kind)
+    if n_ref is None:
+        return None
+    w = torch.randn(n_ref, 512, device=device, requires_grad=True)
+    return lambda x: _GemmFloor.apply(x, w)
+
+
 def _labels(b: int, device: torch.device) -> torch.Tensor:
     return torch.arange(b, device=device) // PER_CLASS % max(b // PER_CLASS, 1)
 
@@ -53,22 +96,26 @@ def _once(fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor) -> floa
     return time.perf_counter() - t0
 
 
-def _time_pair(ours: Callable, pml: Callable | None, emb: torch.Tensor, reps: int) -> tuple[float, float | None]:
-    """Median seconds of ours and PML, interleaved rep by rep so that load changes on a shared machine hit both."""
-    _once(ours, emb)  # warm-up
-    if pml is not None and _once(pml, emb) > SLOW_PML_S:
-        # A PML path this slow (e.g. its Python-side miners at large B) is timed once more, not `reps` times.
-        return statistics.median([_once(ours, emb) for _ in range(reps)]), _once(pml, emb)
-    t_ours, t_pml = [], []
+def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> list[float | None]:
+    """Median seconds of each function (ours, PML, floor), interleaved rep by rep so that load changes on a shared
+    machine hit all of them alike."""
+    fns = [f for f in fns]
+    first = [None if f is None else _once(f, emb) for f in fns]  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    for i, t in enumerate(first):
+        if t is not None and t > SLOW_PML_S:
+            # A path this slow (PML's Python-side miners at large B) is timed once more, not `reps` times.
+            times[i].append(_once(fns[i], emb))
+            fns[i] = None
     for _ in range(reps):
-        t_ours.append(_once(ours, emb))
-        if pml is not None:
-            t_pml.append(_once(pml, emb))
-    return statistics.median(t_ours), (statistics.median(t_pml) if t_pml else None)
+        for i, f in enumerate(fns):
+            if f is not None:
+                times[i].append(_once(f, emb))
+    return [statistics.median(t) if t else None for t in times]
 
 
 def cases(b: int, device: torch.device):
-    """(name, ours(x) -> loss, pml(x) -> loss or None, pml size estimate in elements, note)."""
+    """(name, ours(x) -> loss, pml(x) -> loss or None, pml size estimate in elements, note, floor kind)."""
     import pytorch_metric_learning.losses as pl
     import pytorch_metric_learning.miners as pm
 
@@ -85,39 +132,41 @@ def cases(b: int, device: torch.device):
         return (lambda x: o(x, py)), (lambda x: t(x, py))
 
     ms_o, ms_p, ms_m = dm.MultiSimilarityLoss(), pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner(0.1)
-    yield "multi_similarity (+MS mining)", lambda x: ms_o(x, y), lambda x: ms_p(x, y, ms_m(x, y)), n_pos + n_neg, ""
+    yield ("multi_similarity (+MS mining)", lambda x: ms_o(x, y), lambda x: ms_p(x, y, ms_m(x, y)), n_pos + n_neg, "",
+           "self")
     ms_nm = dm.MultiSimilarityLoss(mining=False)
-    yield "multi_similarity (no mining)", lambda x: ms_nm(x, y), lambda x: ms_p(x, y), n_pos + n_neg, ""
+    yield "multi_similarity (no mining)", lambda x: ms_nm(x, y), lambda x: ms_p(x, y), n_pos + n_neg, "", "self"
     c_o, c_p = dm.ContrastiveLoss(), pl.ContrastiveLoss()
-    yield "contrastive (distance)", lambda x: c_o(x, y), lambda x: c_p(x, y), n_pos + n_neg, ""
+    yield "contrastive (distance)", lambda x: c_o(x, y), lambda x: c_p(x, y), n_pos + n_neg, "", "self"
     cm_o, cm_p = dmm.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)
     yield ("contrastive + ms_miner", lambda x: c_o(x, y, mined=cm_o(x, y)), lambda x: c_p(x, y, cm_p(x, y)),
-           n_pos + n_neg, "")
+           n_pos + n_neg, "", "self")
     t_o, t_p = dm.TripletMarginLoss(0.05), pl.TripletMarginLoss(0.05)
-    yield "triplet_margin (all triplets)", lambda x: t_o(x, y), lambda x: t_p(x, y), cube, "PML: B³ mask"
+    yield "triplet_margin (all triplets)", lambda x: t_o(x, y), lambda x: t_p(x, y), cube, "PML: B³ mask", "self"
     bh_o, bh_p = dmm.BatchHardMiner(), pm.BatchHardMiner()
     yield ("triplet_margin + batch_hard", lambda x: t_o(x, y, mined=bh_o(x, y)),
-           lambda x: t_p(x, y, bh_p(x, y)), n_pos + n_neg, "")
+           lambda x: t_p(x, y, bh_p(x, y)), n_pos + n_neg, "", "self")
     l_o, l_p = dm.LiftedStructureLoss(), pl.LiftedStructureLoss()
-    yield "lifted_structure (original)", lambda x: l_o(x, y), lambda x: l_p(x, y), n_pos * n_neg, "PML: P×N matrix"
+    yield ("lifted_structure (original)", lambda x: l_o(x, y), lambda x: l_p(x, y), n_pos * n_neg, "PML: P×N matrix",
+           "self")
     g_o, g_p = dm.LiftedStructureLoss(variant="generalized"), pl.GeneralizedLiftedStructureLoss()
-    yield "lifted_structure (generalized)", lambda x: g_o(x, y), lambda x: g_p(x, y), n_pos + n_neg, ""
+    yield "lifted_structure (generalized)", lambda x: g_o(x, y), lambda x: g_p(x, y), n_pos + n_neg, "", "self"
     lm = dm.LiftedStructureLoss(variant="modified")
-    yield "lifted_structure (modified)", lambda x: lm(x, y), None, 0, "no PML equivalent"
+    yield "lifted_structure (modified)", lambda x: lm(x, y), None, 0, "no PML equivalent", None
     bd = dm.BinomialDevianceLoss()
-    yield "binomial_deviance", lambda x: bd(x, y), None, 0, "no PML equivalent"
+    yield "binomial_deviance", lambda x: bd(x, y), None, 0, "no PML equivalent", None
     m_o = dm.MarginLoss(num_classes=b).to(device)
     m_p = pl.MarginLoss(learn_beta=True, num_classes=b).to(device)
-    yield "margin (all triplets)", lambda x: m_o(x, y), lambda x: m_p(x, y), cube, "PML: B³ mask"
+    yield "margin (all triplets)", lambda x: m_o(x, y), lambda x: m_p(x, y), cube, "PML: B³ mask", "self"
     dw_o, dw_p = dmm.DistanceWeightedMiner(seed=0), pm.DistanceWeightedMiner()
     yield ("margin + distance_weighted", lambda x: m_o(x, y, mined=dw_o(x, y)),
-           lambda x: m_p(x, y, dw_p(x, y)), n_pos + n_neg, "PML miner: 1 negative per positive pair")
+           lambda x: m_p(x, y, dw_p(x, y)), n_pos + n_neg, "PML miner: 1 negative per positive pair", "self")
     n_o, n_p = dm.NCALoss(), pl.NCALoss()
-    yield "nca", lambda x: n_o(x, y), lambda x: n_p(x, y), b * b, ""
+    yield "nca", lambda x: n_o(x, y), lambda x: n_p(x, y), b * b, "", "self"
     w = dm.WeightLoss()
-    yield "weight", lambda x: w(x, y), None, 0, "no PML equivalent"
+    yield "weight", lambda x: w(x, y), None, 0, "no PML equivalent", None
     np_o, np_p = dm.NPairLoss(), pl.NPairsLoss()
-    yield "npair", lambda x: np_o(x, y), lambda x: np_p(x, y), b * b, ""
+    yield "npair", lambda x: np_o(x, y), lambda x: np_p(x, y), b * b, "", None
     for name, oc, pc, kw in [
         ("proxy_nca", dm.ProxyNCALoss, pl.ProxyNCALoss, {}),
         ("proxy_anchor", dm.ProxyAnchorLoss, pl.ProxyAnchorLoss, {}),
@@ -126,7 +175,8 @@ def cases(b: int, device: torch.device):
         ("soft_triple", dm.SoftTripleLoss, pl.SoftTripleLoss, {}),
     ]:
         fo, fp = proxy_pair(oc, pc, **kw)
-        yield name, fo, fp, b * N_PROXY_CLASSES, f"{N_PROXY_CLASSES} classes"
+        floor = "proxies10" if name == "soft_triple" else "proxies"
+        yield name, fo, fp, b * N_PROXY_CLASSES, f"{N_PROXY_CLASSES} classes", floor
 
 
 def run_timings(
@@ -135,25 +185,32 @@ def run_timings(
     rows = []
     for b in sizes:
         emb = torch.randn(b, 512, generator=torch.Generator().manual_seed(0)).to(device)
-        for name, ours, pml, size, note in cases(b, device):
+        for name, ours, pml, size, note, floor_kind in cases(b, device):
             if only and not any(name.startswith(o) for o in only):
                 continue
             if pml is not None and size > pml_max:
                 pml = None
                 note = (note + "; " if note else "") + f"PML skipped: ~{size:.1e} index elements"
-            t_ours, t_pml = _time_pair(ours, pml, emb, reps)
+            floor = _floor(floor_kind, b, device) if pml is not None and floor_kind else None
+            t_ours, t_pml, t_floor = _time_cases([ours, pml, floor], emb, reps)
             r = {"loss": name, "B": b, "d": 512, "ours_ms": 1e3 * t_ours, "note": note, "load1": os.getloadavg()[0],
-                 "pml_ms": 1e3 * t_pml if t_pml is not None else None}
+                 "pml_ms": 1e3 * t_pml if t_pml is not None else None,
+                 "floor_ms": 1e3 * t_floor if t_floor is not None else None}
             r["ratio"] = r["ours_ms"] / r["pml_ms"] if r["pml_ms"] else None
+            # the ratio an implementation doing only the dense similarity GEMMs would reach
+            r["floor_ratio"] = r["floor_ms"] / r["pml_ms"] if r["pml_ms"] and r["floor_ms"] else None
             rows.append(r)
             print(_fmt(r), flush=True)
     return rows
 
 
 def _fmt(r: dict) -> str:
-    pml = f"{r['pml_ms']:9.2f}" if r["pml_ms"] is not None else "        -"
-    ratio = f"{r['ratio']:6.3f}" if r["ratio"] is not None else "     -"
-    return f"{r['loss']:34s} {r['B']:5d} {r['ours_ms']:9.2f} {pml} {ratio}  {r['note']}"
+    def num(v: float | None, fmt: str, width: int) -> str:
+        return format(v, fmt) if v is not None else "-".rjust(width)
+
+    return (f"{r['loss']:34s} {r['B']:5d} {r['ours_ms']:9.2f} {num(r['pml_ms'], '9.2f', 9)} "
+            f"{num(r['floor_ms'], '9.2f', 9)} {num(r['ratio'], '6.3f', 6)} {num(r['floor_ratio'], '6.3f', 6)}  "
+            f"{r['note']}")
 
 
 MEMORY_SNIPPET = """
@@ -215,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [180] if args.small else [180, 1024]
     reps = args.reps or (5 if args.small else 15)
     load_before = os.getloadavg()
-    print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'ratio':>6s}  note")
+    print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'floor':>6s}  note")
     rows = run_timings(sizes, reps, device, args.pml_max_elements, args.only)
     mem = [] if args.no_memory else run_memory(1024 if args.small else 4096)
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]

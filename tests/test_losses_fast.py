@@ -24,6 +24,13 @@ SPECS = {
     "triplet_squared_mean": lambda: dm.TripletMarginLoss(0.2, squared=True, reduction="mean"),
     "triplet_unnormalized": lambda: dm.TripletMarginLoss(0.3, normalize_embeddings=False),
     "proxy_anchor": lambda: dm.ProxyAnchorLoss(6, 8),
+    "proxy_nca": lambda: dm.ProxyNCALoss(6, 8),
+    "proxy_nca_scale32": lambda: dm.ProxyNCALoss(6, 8, softmax_scale=32.0),
+    "normalized_softmax": lambda: dm.NormalizedSoftmaxLoss(6, 8),
+    "arcface": lambda: dm.ArcFaceLoss(6, 8),
+    "arcface_margin_past_pi": lambda: dm.ArcFaceLoss(6, 8, margin=100.0, scale=8.0),
+    "soft_triple": lambda: dm.SoftTripleLoss(6, 8, centers_per_class=3),
+    "soft_triple_sharp": lambda: dm.SoftTripleLoss(6, 8, centers_per_class=3, gamma=0.01, margin=0.2),
     "nca": lambda: dm.NCALoss(),
     "nca_scale30": lambda: dm.NCALoss(30.0),
     "nca_unnormalized": lambda: dm.NCALoss(0.5, normalize_embeddings=False),
@@ -111,6 +118,22 @@ def test_new_fast_paths_gradcheck(spec: str) -> None:
     assert torch.autograd.gradcheck(lambda a, b: loss(a, y, b, yr), (x, r))
 
 
+@pytest.mark.parametrize("spec", ["proxy_anchor", "proxy_nca", "normalized_softmax", "arcface",
+                                  "arcface_margin_past_pi", "soft_triple_sharp"])
+def test_proxy_fast_paths_gradcheck(spec: str) -> None:
+    """Gradients wrt the embeddings and the proxies; labels cover some classes, not all (absent proxies)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 1, 3, 3, 4, 0])
+    loss = SPECS[spec]().double()
+    proxies = loss.proxies.detach().clone().requires_grad_(True)
+
+    def value(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(loss, {"proxies": p}, (a, y))
+
+    assert torch.autograd.gradcheck(value, (x, proxies))
+
+
 @pytest.mark.parametrize("spec", ["contrastive", "contrastive_unnormalized", "contrastive_similarity", "ms",
                                   "margin_per_class_nu"])
 def test_sparse_backward_matches_reference(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,3 +178,51 @@ def test_lean_path_leaves_no_reference_cycle_behind():
             assert ref() is None, type(loss_fn).__name__
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("spec", sorted(s for s in SPECS if s.startswith("contrastive")))
+def test_contrastive_pair_list_path_matches_reference(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pair-list path (positives from the labels, negatives from one threshold pass, sparse ∂L/∂S) is taken
+    whenever no mined tuples are given and the pairs are few; here it is forced (no dense label masks at all)."""
+    from deepmetric.losses import _fast
+
+    monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1)
+
+    def no_masks(*args, **kwargs):
+        raise AssertionError("dense masks built")
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(24, 8, generator=g, dtype=torch.float64)
+    x[5] = x[4]  # an exact duplicate pair
+    y = torch.randint(0, 6, (24,), generator=g)
+    xr = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    yr = torch.randint(0, 6, (30,), generator=g)
+    loss = SPECS[spec]().double()
+    cases = [{}, {"ref": xr, "ref_labels": yr}]
+    if loss.reduction != "mean":
+        cases.append({"ref": xr, "ref_labels": yr, "ignore_mask": torch.rand(24, 30, generator=g) < 0.2})
+    for kw in cases:
+        v0, g0 = _value_and_grads(loss, False, x, y, kw)
+        with monkeypatch.context() as m:
+            m.setattr(_fast, "masks", no_masks)
+            v1, g1 = _value_and_grads(loss, True, x, y, kw)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10), (spec, sorted(kw), v0, v1)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (spec, sorted(kw))
+
+
+def test_same_label_pairs_enumerates_exactly_the_label_mask() -> None:
+    from deepmetric.losses import _fast
+
+    g = torch.Generator().manual_seed(2)
+    for self_cmp, (b, r) in [(True, (17, 17)), (False, (9, 23))]:
+        y = torch.randint(0, 5, (b,), generator=g)
+        yr = y if self_cmp else torch.randint(0, 5, (r,), generator=g)
+        rows, cols = _fast.same_label_pairs(y, yr, self_cmp, b * r)
+        got = torch.zeros(b, r, dtype=torch.bool)
+        got[rows, cols] = True
+        want = y[:, None] == yr[None, :]
+        if self_cmp:
+            want.fill_diagonal_(False)
+        assert torch.equal(got, want) and rows.shape[0] == int(want.sum())
+        assert _fast.same_label_pairs(y, yr, self_cmp, int(want.sum()) - 1) is None

@@ -122,6 +122,10 @@ class ContrastiveLoss(MetricLoss):
     ) -> Tensor:
         dist = self.form == "distance"
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings or not dist)
+        if mined is None and not (self.reduction == "mean" and ignore_mask is not None):
+            out = self._from_pair_lists(st, labels, ref_labels, ignore_mask, self_cmp)
+            if out is not None:
+                return out
         with torch.no_grad():
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             if self.reduction == "mean":
@@ -163,6 +167,89 @@ class ContrastiveLoss(MetricLoss):
             st.nnz = npa + nna
             if dist:
                 G = _fast.distance_grad(st, G, m, squared=False)
+        return _fast.finish(st, value, G)
+
+    # A slack on the squared-distance threshold: candidates are re-tested on the exact D computed as the dense path
+    # computes it, so rounding in the threshold can only add candidates, never lose one.
+    _CANDIDATE_SLACK = 1e-3
+
+    def _from_pair_lists(
+        self, st: _fast.PairState, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool,
+    ) -> Tensor | None:
+        """The loss from the positive pairs (found from the labels) and the negatives inside the margin (one
+        threshold pass over the B×R matrix), with a sparse ∂L/∂S. None when the pairs are too many for that to
+        pay (e.g. a batch of two classes); the dense path then runs."""
+        dist = self.form == "distance"
+        b, r = labels.shape[0], ref_labels.shape[0]
+        budget = b * r // _fast.SPARSE_FRACTION
+        with torch.no_grad():
+            pairs = _fast.same_label_pairs(labels, ref_labels, self_cmp, budget)
+            if pairs is None:
+                return None
+            pr, pc = _fast.drop_ignored(*pairs, ignore_mask)
+            if dist:
+                # D² before the clamp, exactly as _fast.distance computes it (the same ops on the same values)
+                nx = st.nx.sqnorm()
+                nr = nx if st.same else st.nr.sqnorm()
+                with _fast.full_precision(nx.device):
+                    m = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr)
+                cand = m < self.neg_margin ** 2 + self._CANDIDATE_SLACK if self.neg_margin > 0 else None
+            else:
+                m = _fast.similarity(st)
+                cand = m > self.neg_margin
+            if cand is None:
+                nr_, nc_ = pr[:0], pc[:0]
+            else:
+                nr_, nc_ = cand.nonzero(as_tuple=True)
+                if nr_.shape[0] > budget:
+                    return None
+                keep = labels[nr_] != ref_labels[nc_]
+                nr_, nc_ = _fast.drop_ignored(nr_[keep], nc_[keep], ignore_mask)
+            vp, vn = m[pr, pc], m[nr_, nc_]
+            if dist:
+                vp = vp.clamp_min_(0.0).add_(_fast.DIST_EPS).sqrt_()
+                vn = vn.clamp_min_(0.0).add_(_fast.DIST_EPS).sqrt_()
+                act_p, act_n = vp > self.pos_margin, vn < self.neg_margin
+                sign, const_p, const_n = 1.0, -self.pos_margin, self.neg_margin
+            else:
+                act_p, act_n = vp < self.pos_margin, vn > self.neg_margin
+                sign, const_p = -1.0, self.pos_margin
+                const_n = -self.neg_margin if self.negative_term == "hinge" else 0.0
+            pr, pc, vp = pr[act_p], pc[act_p], vp[act_p]
+            nr_, nc_, vn = nr_[act_n], nc_[act_n], vn[act_n]
+            npa, nna = pr.shape[0], nr_.shape[0]
+            red = self.reduction
+            if red == "avg_nonzero":
+                cnt_n = nna
+                if not dist and self.negative_term == "similarity" and self.neg_margin < 0:
+                    cnt_n = int((vn > 0).sum())  # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
+                cp, cn = float(max(npa, 1)), float(max(cnt_n, 1))
+            elif red == "mean":  # every valid pair counts (no ignore_mask on this path)
+                n_pos = pairs[0].shape[0]
+                n_neg = b * r - n_pos - (b if self_cmp else 0)
+                if n_pos == 0 and n_neg == 0:
+                    return _fast.zero(st)
+                cp, cn = float(max(n_pos, 1)), float(max(n_neg, 1))
+            elif red == "batch":
+                cp = cn = float(b)
+            else:
+                cp = cn = 1.0
+            gp = vp.new_full((npa,), sign / cp)
+            gn = vn.new_full((nna,), -sign / cn)
+            value = torch.dot(gp, vp) + torch.dot(gn, vn)
+            if const_p or const_n:
+                value = value + (const_p * npa / cp + const_n * nna / cn)
+            if npa + nna == 0:
+                return _fast.finish(st, value, None)
+            rows, cols, g = torch.cat((pr, nr_)), torch.cat((pc, nc_)), torch.cat((gp, gn))
+            if dist:  # ∂D/∂S = −1/D on the pairs; the ‖x‖² terms when the rows are not normalised
+                gsq = g.div_(torch.cat((vp, vn))).mul_(0.5)
+                if st.nx.inv is None:
+                    st.dx = torch.zeros(b, dtype=g.dtype, device=g.device).index_add_(0, rows, gsq).mul_(2.0)
+                    st.dr = torch.zeros(r, dtype=g.dtype, device=g.device).index_add_(0, cols, gsq).mul_(2.0)
+                g = gsq.mul_(-2.0)
+            st.nnz = int(g.shape[0])
+            G = _fast.sparse_matrix(rows, cols, g, (b, r))
         return _fast.finish(st, value, G)
 
     def extra_repr(self) -> str:

@@ -48,8 +48,10 @@ class ProxyLoss(MetricLoss):
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"{type(self).__name__}: embedding_size is {self.embedding_size}, got {embeddings.shape[1]}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"{type(self).__name__}: labels must be in 0..{self.num_classes - 1}")
+        if labels.numel():
+            lo, hi = torch.aminmax(labels)
+            if int(lo) < 0 or int(hi) >= self.num_classes:
+                raise ValueError(f"{type(self).__name__}: labels must be in 0..{self.num_classes - 1}")
 
     def compute(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
@@ -73,7 +75,7 @@ class ProxyLoss(MetricLoss):
 
     def _fast_state(self, embeddings: Tensor) -> _fast.PairState:
         """Anchors vs the proxies (cast to the computation dtype; the cast's backward returns the proxies' dtype)."""
-        return _fast.prepare(embeddings, self._proxies_for(embeddings))
+        return _fast.prepare(embeddings, self._proxies_for(embeddings), fold_norms=True)
 
 
 class ProxyAnchorLoss(ProxyLoss):
@@ -146,6 +148,17 @@ class ProxyNCALoss(ProxyLoss):
         d2 = pairwise_distance(embeddings, self._proxies_for(embeddings), normalize=True, squared=True)
         return F.cross_entropy(-self.softmax_scale * d2, labels)
 
+    fast = True
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        st = self._fast_state(embeddings)
+        with torch.no_grad():
+            s = self.softmax_scale
+            z = _fast.distance(st, squared=True).mul_(-s)  # D² ≤ 4 on unit rows
+            value, w = _fast.cross_entropy(z, labels, 4.0 * abs(s) * (1.0 + 1e-3))
+            G = _fast.distance_grad(st, w.mul_(-s), None, squared=True)  # type: ignore[arg-type]
+        return _fast.finish(st, value, G)
+
 
 class NormalizedSoftmaxLoss(ProxyLoss):
     r"""Normalized softmax. Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019.
@@ -164,6 +177,15 @@ class NormalizedSoftmaxLoss(ProxyLoss):
     def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cos = cosine_similarity_matrix(embeddings, self._proxies_for(embeddings))
         return F.cross_entropy(cos / self.temperature, labels)
+
+    fast = True
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        st = self._fast_state(embeddings)
+        with torch.no_grad():
+            s = 1.0 / self.temperature
+            value, G = _fast.cross_entropy(_fast.similarity(st).mul_(s), labels, abs(s) * (1.0 + 1e-3), s)
+        return _fast.finish(st, value, G)
 
 
 class ArcFaceLoss(ProxyLoss):
@@ -191,6 +213,29 @@ class ArcFaceLoss(ProxyLoss):
         modified = torch.where(theta <= math.pi - m, torch.cos(theta + m), target - m * math.sin(m))
         logits = cos.scatter(1, labels.unsqueeze(1), modified)
         return F.cross_entropy(self.scale * logits, labels)
+
+    fast = True
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        st = self._fast_state(embeddings)
+        with torch.no_grad():
+            cos = _fast.similarity(st)
+            t = labels.unsqueeze(1)
+            m, lo, hi = math.radians(self.margin), -1.0 + 1e-7, 1.0 - 1e-7
+            target = cos.gather(1, t)
+            clamped = target.clamp(lo, hi)
+            theta = torch.acos(clamped)
+            on_arc = theta <= math.pi - m
+            modified = torch.where(on_arc, torch.cos(theta + m), target - m * math.sin(m))
+            # d cos(θ + m)/d cos θ = sin(θ + m)/sin θ where the clamp passes the gradient; 1 on the linear branch
+            passes = (target >= lo) & (target <= hi)
+            slope = torch.where(on_arc & passes, torch.sin(theta + m) * torch.rsqrt(1.0 - clamped * clamped), 0.0)
+            slope = torch.where(on_arc, slope, 1.0)
+            s = self.scale
+            z = cos.scatter_(1, t, modified).mul_(s)
+            value, G = _fast.cross_entropy(z, labels, abs(s) * (1.0 + m + 1e-3), s)
+            G.scatter_(1, t, G.gather(1, t).mul_(slope))
+        return _fast.finish(st, value, G)
 
 
 class SoftTripleLoss(ProxyLoss):
@@ -223,3 +268,20 @@ class SoftTripleLoss(ProxyLoss):
         sim_to_classes = (prob * sim).sum(2)
         margin = torch.zeros_like(sim_to_classes).scatter(1, labels.unsqueeze(1), self.margin)
         return F.cross_entropy(self.la * (sim_to_classes - margin), labels)
+
+    fast = True
+
+    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        st = self._fast_state(embeddings)
+        with torch.no_grad():
+            sim = _fast.similarity(st)
+            b, inv_gamma, la = sim.shape[0], 1.0 / self.gamma, self.la
+            sim3 = sim.view(b, self.num_classes, self.centers_per_class)
+            prob = torch.softmax(sim3 * inv_gamma, dim=2)
+            to_class = torch.linalg.vecdot(prob, sim3)  # B×C
+            t = labels.unsqueeze(1)
+            z = (to_class * la).scatter_add_(1, t, to_class.new_full((b, 1), -la * self.margin))
+            value, w = _fast.cross_entropy(z, labels, abs(la) * (1.0 + abs(self.margin) + 1e-3), la)
+            # ∂S'_c/∂S_ck = p_k·(1 + (S_ck − S'_c)/γ)
+            G = sim3.sub_(to_class.unsqueeze(2)).mul_(inv_gamma).add_(1.0).mul_(prob).mul_(w.unsqueeze(2))
+        return _fast.finish(st, value, G.view(b, -1))

@@ -226,3 +226,30 @@ def test_same_label_pairs_enumerates_exactly_the_label_mask() -> None:
             want.fill_diagonal_(False)
         assert torch.equal(got, want) and rows.shape[0] == int(want.sum())
         assert _fast.same_label_pairs(y, yr, self_cmp, int(want.sum()) - 1) is None
+
+
+@pytest.mark.parametrize("spec", ["ms", "contrastive", "contrastive_similarity", "triplet", "nca", "npair",
+                                  "proxy_anchor", "normalized_softmax", "arcface", "soft_triple"])
+def test_lean_paths_compute_in_fp32_under_autocast(spec: str) -> None:
+    """Under (CPU bf16) autocast the similarity GEMMs of the lean paths still run in fp32: same value and
+    gradient as without autocast (a bf16 GEMM would be off by ~1e-2)."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(24, 8, generator=g)
+    y = torch.randint(0, 6, (24,), generator=g)
+    loss = SPECS[spec]()
+    cases = [{}]
+    if loss.accepts_mined:
+        cases += [{"mined": dmm.BatchHardMiner()(x, y)}, {"mined": dmm.MultiSimilarityMiner()(x, y)}]
+    for kw in cases:
+        v0, g0 = _value_and_grads(loss, True, x, y, kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v1, g1 = _value_and_grads(loss, True, x, y, kw)
+        assert v1.dtype == torch.float32
+        assert torch.allclose(v0, v1, rtol=1e-6, atol=1e-7), (spec, sorted(kw), v0, v1)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (spec, sorted(kw))
+    if loss.accepts_mined:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mined = dmm.MultiSimilarityMiner()(x, y)
+        reference = dmm.MultiSimilarityMiner()(x, y)
+        assert torch.equal(mined.positive, reference.positive) and torch.equal(mined.negative, reference.negative)

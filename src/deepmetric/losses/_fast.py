@@ -170,7 +170,7 @@ def _backward(ctx, st: PairState, go: Tensor):
     return gx, gr, None
 
 
-SPARSE_FRACTION = 16  # backward through index_add instead of the GEMM when nnz(G) < B·R / 16
+SPARSE_FRACTION = 16  # backward through sparse×dense products instead of the GEMM when nnz(G) < B·R / 16
 
 
 def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: Tensor):
@@ -204,7 +204,7 @@ class PairState:
     """``dx``/``dr``: optional per-row factors d such that ∂L/∂x̂_i gets d_i·x̂_i (the ‖x̂‖² terms of a distance
     matrix on unnormalised rows; on normalised rows the projection removes them). ``direct``: ``G`` is the pair
     (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S. ``nnz``: optional bound on the non-zeros of G; a sparse G (hinge losses,
-mined pairs) is back-propagated by index_add in O(nnz·d) instead of the B×R×d GEMM."""
+mined pairs) is back-propagated by sparse×dense products in O(nnz·d) instead of the B×R×d GEMM."""
 
     __slots__ = ("G", "direct", "dr", "dx", "fold", "grad", "nnz", "nr", "nx", "same", "value")
 
@@ -468,3 +468,32 @@ def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, 
     """∂L/∂S as a coalesced COO matrix (pairs must be distinct)."""
     idx = torch.stack((rows, cols))
     return torch.sparse_coo_tensor(idx, values, shape, check_invariants=False).coalesce()
+
+
+class _RowsGrad(torch.autograd.Function):
+    """A value whose gradient is non-zero on a few rows only (given, per input, as row indices and an n×d
+    block): the backward scatters the blocks into zeros instead of replaying the gathers through autograd."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: Tensor | None, value: Tensor, parts: tuple) -> Tensor:  # type: ignore[override]
+        ctx.parts = parts  # ((input 0 or 1, rows, block), ...); not the output: no reference cycle
+        ctx.like = (x, r)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go: Tensor):  # type: ignore[override]
+        grads: list[Tensor | None] = [None, None]
+        for which, rows, block in ctx.parts:
+            if not ctx.needs_input_grad[which]:
+                continue
+            if grads[which] is None:
+                grads[which] = torch.zeros_like(ctx.like[which])
+            grads[which].index_put_((rows,), (block * go.to(block.dtype)).to(grads[which].dtype), accumulate=True)
+        return grads[0], grads[1], None, None
+
+
+def finish_rows(x: Tensor, r: Tensor | None, value: Tensor, parts: tuple) -> Tensor:
+    """Attach ``value`` to x (and r) with the per-row gradient blocks ``parts`` (see :class:`_RowsGrad`)."""
+    with torch.enable_grad():
+        return _RowsGrad.apply(x, r, value, parts)

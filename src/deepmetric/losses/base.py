@@ -145,7 +145,9 @@ class MetricLoss(nn.Module):
             ref_e, ref_l, ignore, self_cmp = _fast.resolve(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
             if mined is not None:
                 self._check_mined(mined)
-            return self.fast_compute(embeddings, labels, ref_e, ref_l, ignore, self_cmp, mined)
+            # autocast off: similarities, softmaxes and row dots accumulate in fp32 (half inputs are promoted)
+            with _fast.full_precision(embeddings.device):
+                return self.fast_compute(embeddings, labels, ref_e, ref_l, ignore, self_cmp, mined)
         ref_e, ref_l, ignore = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
         if mined is None:
             return self.compute(embeddings, labels, ref_e, ref_l, ignore)

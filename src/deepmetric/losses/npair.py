@@ -45,7 +45,8 @@ class NPairLoss(MetricLoss):
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
-        # The first positive column per anchor; the C×C logits are small and stay on autograd.
+        # The first positive column per anchor, then value and gradient of the C×C cross-entropy on the 2C
+        # selected rows; the backward scatters the two C×d gradient blocks (no B×d autograd gathers).
         like = (embeddings,) if ref_embeddings is embeddings else (embeddings, ref_embeddings)
         with torch.no_grad():
             if ignore_mask is None and mined is None:
@@ -71,7 +72,30 @@ class NPairLoss(MetricLoss):
             none = not bool(has.any())
         if none:
             return zero_loss(*like)
-        return self._from_first_positive(embeddings, labels, ref_embeddings, has, first_pos)
+        with torch.no_grad():
+            # per class the first anchor row (batch order) with a positive: a stable sort by label, first of each run
+            cand = has.nonzero().squeeze(1)
+            lab, order = torch.sort(labels[cand], stable=True)
+            first = torch.ones_like(lab, dtype=torch.bool)
+            first[1:] = lab[1:] != lab[:-1]
+            anchors = cand[order[first]]
+            positives = first_pos[anchors]
+            same = ref_embeddings is embeddings
+            xa = _fast.Normalized(embeddings[anchors], self.normalize_embeddings)
+            xp = _fast.Normalized(ref_embeddings[positives], self.normalize_embeddings)
+            with _fast.full_precision(xa.xf.device):
+                logits = torch.mm(xa.xn, xp.xn.t())
+                n = anchors.shape[0]
+                # unit rows bound the logits by 1; unnormalised ones are not bounded
+                bound = 1.0 + 1e-3 if self.normalize_embeddings else float("inf")
+                value, w = _fast.cross_entropy(logits, torch.arange(n, device=logits.device), bound)
+                one = value.new_ones(())
+                ga = xa.backward(torch.mm(w, xp.xn), one)
+                gp = xp.backward(torch.mm(w.t(), xa.xn), one)
+        if not torch.is_grad_enabled():
+            return value
+        return _fast.finish_rows(embeddings, None if same else ref_embeddings, value,
+                                 ((0, anchors, ga), (0 if same else 1, positives, gp)))
 
     def _from_first_positive(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, has: Tensor, first_pos: Tensor,

@@ -154,13 +154,12 @@ class TripletMarginLoss(MetricLoss):
         if a.numel() == 0:
             return _fast.zero(st)
         xn, rn = st.nx.xn, st.nr.xn
-        xa, rp, rq = xn[a], rn[p], rn[n]
-        diff_p, diff_n = xa - rp, xa - rq  # D² = ‖x̂_a − r̂‖² via the GEMM expansion, as the dense matrix
-        nx = st.nx.sqnorm()
-        nr = nx if st.same else st.nr.sqnorm()
-        na = nx[a]
-        d_ap = (na + nr[p]).sub_((xa * rp).sum(1), alpha=2.0).clamp_min_(0.0)
-        d_an = (na + nr[n]).sub_((xa * rq).sum(1), alpha=2.0).clamp_min_(0.0)
+        # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
+        xa = xn if a.shape[0] == xn.shape[0] and bool((a == torch.arange(a.shape[0], device=a.device)).all()) else xn[a]
+        diff_p, diff_n = xa - rn[p], xa - rn[n]
+        # D² = ‖x̂_a − r̂‖² summed directly (the dense path's GEMM expansion agrees up to rounding)
+        d_ap = torch.linalg.vecdot(diff_p, diff_p)
+        d_an = torch.linalg.vecdot(diff_n, diff_n)
         if not self.squared:
             d_ap, d_an = d_ap.add_(_fast.DIST_EPS).sqrt_(), d_an.add_(_fast.DIST_EPS).sqrt_()
         losses = (d_ap - d_an).add_(self.margin).clamp_min_(0.0)

@@ -47,7 +47,9 @@ class Miner(nn.Module):
         pos, neg = _fast.masks(labels, ref_l, ignore, self_cmp)
         x = embeddings.detach()
         # The same object for a self comparison: miners normalise it once (see deepmetric.losses._fast.prepare).
-        return self.mine(x, x if ref_e is embeddings else ref_e.detach(), pos, neg)
+        # Autocast off: the mined tuples must come from the fp32 distances the loss will use.
+        with _fast.full_precision(x.device):
+            return self.mine(x, x if ref_e is embeddings else ref_e.detach(), pos, neg)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Mined:
         raise NotImplementedError

@@ -65,7 +65,7 @@ class BatchHardMiner(Miner):
         d = _fast.distance(_fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings), self.squared)
         hard_p = torch.where(pos, d, float("-inf")).argmax(1)
         hard_n = torch.where(neg, d, float("inf")).argmin(1)
-        a = torch.nonzero(pos.any(1) & neg.any(1), as_tuple=True)[0]
+        a = torch.nonzero(_fast.row_any(pos).logical_and_(_fast.row_any(neg)), as_tuple=True)[0]
         return MinedTriplets(a, hard_p[a], hard_n[a])
 
 

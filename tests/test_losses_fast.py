@@ -187,6 +187,7 @@ def test_contrastive_pair_list_path_matches_reference(spec: str, monkeypatch: py
     from deepmetric.losses import _fast
 
     monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1)
+    monkeypatch.setattr(_fast, "PAIR_LIST_MIN_GRID", 0)
 
     def no_masks(*args, **kwargs):
         raise AssertionError("dense masks built")
@@ -253,3 +254,28 @@ def test_lean_paths_compute_in_fp32_under_autocast(spec: str) -> None:
             mined = dmm.MultiSimilarityMiner()(x, y)
         reference = dmm.MultiSimilarityMiner()(x, y)
         assert torch.equal(mined.positive, reference.positive) and torch.equal(mined.negative, reference.negative)
+
+
+def test_contrastive_pair_lists_fall_back_to_masks_when_pairs_are_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two classes in the batch: half of all pairs are positives, more than the sparse budget B·R/16, so the
+    dense mask path runs (and gives the reference result)."""
+    from deepmetric.losses import _fast
+
+    monkeypatch.setattr(_fast, "PAIR_LIST_MIN_GRID", 0)
+    calls = []
+    real_masks = _fast.masks
+
+    def counting_masks(*args, **kwargs):
+        calls.append(1)
+        return real_masks(*args, **kwargs)
+
+    monkeypatch.setattr(_fast, "masks", counting_masks)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(32) % 2
+    loss = dm.ContrastiveLoss().double()
+    v0, g0 = _value_and_grads(loss, False, x, y, {})
+    v1, g1 = _value_and_grads(loss, True, x, y, {})
+    assert calls, "the mask path should have run"
+    assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(g0[0], g1[0], rtol=1e-7, atol=1e-9)

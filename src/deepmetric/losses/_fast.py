@@ -180,13 +180,14 @@ def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: T
     gx = gr = None
     if st.same:
         # one product with G + Gᵀ (coalescing sums a pair and its transpose) instead of two
-        idx, val = co.indices(), co.values()
+        idx, val = co._indices(), co._values()
         sym = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), co.shape,
                                       check_invariants=False).coalesce()
         gxn = torch.sparse.mm(sym, xn)
         if st.dx is not None:
             gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn)
         return st.nx.backward(gxn, go), None, None
+    co = co.coalesce()
     if need_x:
         gxn = torch.sparse.mm(co, rn)
         if st.dx is not None:
@@ -434,6 +435,11 @@ def cross_entropy(z: Tensor, target: Tensor, bound: float, scale: float = 1.0) -
 # the similarity GEMM itself at B = 1024.
 
 
+# Below this many anchor × reference pairs the dense mask path is as fast (measured crossover ≈ 360 × 360 at
+# d = 512 on one CPU thread: per-op overhead dominates there, the B×R passes above).
+PAIR_LIST_MIN_GRID = 1 << 17
+
+
 def same_label_pairs(
     labels: Tensor, ref_labels: Tensor, self_cmp: bool, max_pairs: int,
 ) -> tuple[Tensor, Tensor] | None:
@@ -465,9 +471,9 @@ def drop_ignored(rows: Tensor, cols: Tensor, ignore_mask: Tensor | None) -> tupl
 
 
 def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """∂L/∂S as a coalesced COO matrix (pairs must be distinct)."""
-    idx = torch.stack((rows, cols))
-    return torch.sparse_coo_tensor(idx, values, shape, check_invariants=False).coalesce()
+    """∂L/∂S as a COO matrix over distinct pairs, left uncoalesced: the backward coalesces once (with Gᵀ
+    appended under self comparison)."""
+    return torch.sparse_coo_tensor(torch.stack((rows, cols)), values, shape, check_invariants=False)
 
 
 class _RowsGrad(torch.autograd.Function):

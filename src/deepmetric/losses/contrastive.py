@@ -122,7 +122,8 @@ class ContrastiveLoss(MetricLoss):
     ) -> Tensor:
         dist = self.form == "distance"
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings or not dist)
-        if mined is None and not (self.reduction == "mean" and ignore_mask is not None):
+        if (mined is None and not (self.reduction == "mean" and ignore_mask is not None)
+                and labels.shape[0] * ref_labels.shape[0] >= _fast.PAIR_LIST_MIN_GRID):
             out = self._from_pair_lists(st, labels, ref_labels, ignore_mask, self_cmp)
             if out is not None:
                 return out

@@ -407,7 +407,6 @@ def log_sum_exp(a: Tensor, mask: Tensor, bound: float) -> tuple[Tensor, Tensor]:
     return v.squeeze(1), e.div_(z.clamp_min_(torch.finfo(z.dtype).tiny))
 
 
-
 def cross_entropy(z: Tensor, target: Tensor, bound: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of the logits ``z`` (B×C, consumed) against ``target`` (B, long), and
     W = scale·∂value/∂z = scale·(softmax(z) − onehot(target))/B.

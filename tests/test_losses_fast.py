@@ -279,3 +279,21 @@ def test_contrastive_pair_lists_fall_back_to_masks_when_pairs_are_many(monkeypat
     assert calls, "the mask path should have run"
     assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10)
     assert torch.allclose(g0[0], g1[0], rtol=1e-7, atol=1e-9)
+
+
+def test_npair_with_the_batch_passed_as_its_own_reference() -> None:
+    """loss(x, y, x, y): no self-pair removal, so an anchor may be its own positive; its two gradient blocks
+    land on the same row and must add up (reference path vs lean path)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(12) % 4
+    loss = dm.NPairLoss()
+    out = []
+    for fast in (False, True):
+        loss.fast = fast
+        xs = x.clone().requires_grad_(True)
+        v = loss(xs, y, xs, y)
+        (gx,) = torch.autograd.grad(v, xs)
+        out.append((v.detach(), gx))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-9)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-7, atol=1e-9)

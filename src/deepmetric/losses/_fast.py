@@ -480,9 +480,12 @@ class _RowsGrad(torch.autograd.Function):
     block): the backward scatters the blocks into zeros instead of replaying the gathers through autograd."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, r: Tensor | None, value: Tensor, parts: tuple) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, r: Tensor | None, value: Tensor, parts: tuple, distinct: bool,
+    ) -> Tensor:
         ctx.parts = parts  # ((input 0 or 1, rows, block), ...); not the output: no reference cycle
         ctx.like = (x, r)
+        ctx.distinct = distinct
         return value
 
     @staticmethod
@@ -494,11 +497,17 @@ class _RowsGrad(torch.autograd.Function):
                 continue
             if grads[which] is None:
                 grads[which] = torch.zeros_like(ctx.like[which])
-            grads[which].index_put_((rows,), (block * go.to(block.dtype)).to(grads[which].dtype), accumulate=True)
-        return grads[0], grads[1], None, None
+            # index_copy_ when every row occurs once in all blocks of this input (no accumulation needed)
+            block = (block * go.to(block.dtype)).to(grads[which].dtype)
+            if ctx.distinct:
+                grads[which].index_copy_(0, rows, block)
+            else:
+                grads[which].index_put_((rows,), block, accumulate=True)
+        return grads[0], grads[1], None, None, None
 
 
-def finish_rows(x: Tensor, r: Tensor | None, value: Tensor, parts: tuple) -> Tensor:
-    """Attach ``value`` to x (and r) with the per-row gradient blocks ``parts`` (see :class:`_RowsGrad`)."""
+def finish_rows(x: Tensor, r: Tensor | None, value: Tensor, parts: tuple, distinct: bool = False) -> Tensor:
+    """Attach ``value`` to x (and r) with the per-row gradient blocks ``parts`` (see :class:`_RowsGrad`).
+    ``distinct``: no row index repeats within or across the blocks of one input."""
     with torch.enable_grad():
-        return _RowsGrad.apply(x, r, value, parts)
+        return _RowsGrad.apply(x, r, value, parts, distinct)

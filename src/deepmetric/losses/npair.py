@@ -94,8 +94,11 @@ class NPairLoss(MetricLoss):
                 gp = xp.backward(torch.mm(w.t(), xa.xn), one)
         if not torch.is_grad_enabled():
             return value
+        # anchors are one row per class, positives one row per class too, and under self comparison never the
+        # anchor itself: all distinct (not so when the batch is passed explicitly as its own reference)
         return _fast.finish_rows(embeddings, None if same else ref_embeddings, value,
-                                 ((0, anchors, ga), (0 if same else 1, positives, gp)))
+                                 ((0, anchors, ga), (0 if same else 1, positives, gp)),
+                                 distinct=self_cmp or not same)
 
     def _from_first_positive(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, has: Tensor, first_pos: Tensor,

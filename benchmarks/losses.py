@@ -99,7 +99,7 @@ def _once(fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor) -> floa
 def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> list[float | None]:
     """Median seconds of each function (ours, PML, floor), interleaved rep by rep so that load changes on a shared
     machine hit all of them alike."""
-    fns = [f for f in fns]
+    fns = list(fns)
     first = [None if f is None else _once(f, emb) for f in fns]  # warm-up
     times: list[list[float]] = [[] for _ in fns]
     for i, t in enumerate(first):

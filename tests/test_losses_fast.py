@@ -67,13 +67,28 @@ def _value_and_grads(loss, fast: bool, x, y, kw):
     return v.detach(), [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
 
 
+def _assert_fast_matches_reference(loss, x, y, kw, tag) -> None:
+    """Value and every gradient (inputs and parameters) of the lean path equal the reference path's."""
+    v0, g0 = _value_and_grads(loss, False, x, y, kw)
+    v1, g1 = _value_and_grads(loss, True, x, y, kw)
+    assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10), (tag, sorted(kw), v0, v1)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (tag, sorted(kw))
+
+
+def _batch(seed: int, b: int, r: int, d: int, classes: int):
+    """float64 anchors and references with random labels: (x, y, xr, yr, generator)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (b,), generator=g)
+    xr = torch.randn(r, d, generator=g, dtype=torch.float64)
+    yr = torch.randint(0, classes, (r,), generator=g)
+    return x, y, xr, yr, g
+
+
 @pytest.mark.parametrize("spec", sorted(SPECS))
 def test_fast_path_matches_reference(spec: str) -> None:
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(24, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 6, (24,), generator=g)
-    xr = torch.randn(30, 8, generator=g, dtype=torch.float64)
-    yr = torch.randint(0, 6, (30,), generator=g)
+    x, y, xr, yr, g = _batch(7, 24, 30, 8, 6)
     loss = SPECS[spec]().double()
     assert type(loss).fast
     cases = [{}, {"ref": xr, "ref_labels": yr, "ignore_mask": torch.rand(24, 30, generator=g) < 0.1},
@@ -82,11 +97,7 @@ def test_fast_path_matches_reference(spec: str) -> None:
         cases += [{"mined": dmm.MultiSimilarityMiner()(x, y)}, {"mined": dmm.BatchHardMiner()(x, y)},
                   {"mined": dmm.SemiHardMiner(seed=0, positives="all")(x, y)}]
     for kw in cases:
-        v0, g0 = _value_and_grads(loss, False, x, y, kw)
-        v1, g1 = _value_and_grads(loss, True, x, y, kw)
-        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10), (spec, sorted(kw), v0, v1)
-        for a, b in zip(g0, g1):
-            assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (spec, sorted(kw))
+        _assert_fast_matches_reference(loss, x, y, kw, spec)
 
 
 def test_fast_path_backward_can_run_twice_and_under_no_grad() -> None:
@@ -141,18 +152,10 @@ def test_sparse_backward_matches_reference(spec: str, monkeypatch: pytest.Monkey
     from deepmetric.losses import _fast
 
     monkeypatch.setattr(_fast, "SPARSE_FRACTION", 0.5)
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 5, (20,), generator=g)
-    xr = torch.randn(16, 6, generator=g, dtype=torch.float64)
-    yr = torch.randint(0, 5, (16,), generator=g)
+    x, y, xr, yr, _ = _batch(11, 20, 16, 6, 5)
     loss = SPECS[spec]().double()
     for kw in [{}, {"ref": xr, "ref_labels": yr}]:
-        v0, g0 = _value_and_grads(loss, False, x, y, kw)
-        v1, g1 = _value_and_grads(loss, True, x, y, kw)
-        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10)
-        for a, b in zip(g0, g1):
-            assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), spec
+        _assert_fast_matches_reference(loss, x, y, kw, spec)
     xx = x[:10].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: loss(z, y[:10]), (xx,))
 
@@ -192,24 +195,15 @@ def test_contrastive_pair_list_path_matches_reference(spec: str, monkeypatch: py
     def no_masks(*args, **kwargs):
         raise AssertionError("dense masks built")
 
-    g = torch.Generator().manual_seed(13)
-    x = torch.randn(24, 8, generator=g, dtype=torch.float64)
+    x, y, xr, yr, g = _batch(13, 24, 30, 8, 6)
     x[5] = x[4]  # an exact duplicate pair
-    y = torch.randint(0, 6, (24,), generator=g)
-    xr = torch.randn(30, 8, generator=g, dtype=torch.float64)
-    yr = torch.randint(0, 6, (30,), generator=g)
     loss = SPECS[spec]().double()
     cases = [{}, {"ref": xr, "ref_labels": yr}]
     if loss.reduction != "mean":
         cases.append({"ref": xr, "ref_labels": yr, "ignore_mask": torch.rand(24, 30, generator=g) < 0.2})
+    monkeypatch.setattr(_fast, "masks", no_masks)  # the reference path builds its masks elsewhere
     for kw in cases:
-        v0, g0 = _value_and_grads(loss, False, x, y, kw)
-        with monkeypatch.context() as m:
-            m.setattr(_fast, "masks", no_masks)
-            v1, g1 = _value_and_grads(loss, True, x, y, kw)
-        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10), (spec, sorted(kw), v0, v1)
-        for a, b in zip(g0, g1):
-            assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (spec, sorted(kw))
+        _assert_fast_matches_reference(loss, x, y, kw, spec)
 
 
 def test_same_label_pairs_enumerates_exactly_the_label_mask() -> None:
@@ -274,11 +268,8 @@ def test_contrastive_pair_lists_fall_back_to_masks_when_pairs_are_many(monkeypat
     x = torch.randn(32, 8, generator=g, dtype=torch.float64)
     y = torch.arange(32) % 2
     loss = dm.ContrastiveLoss().double()
-    v0, g0 = _value_and_grads(loss, False, x, y, {})
-    v1, g1 = _value_and_grads(loss, True, x, y, {})
+    _assert_fast_matches_reference(loss, x, y, {}, "two classes")
     assert calls, "the mask path should have run"
-    assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-10)
-    assert torch.allclose(g0[0], g1[0], rtol=1e-7, atol=1e-9)
 
 
 def test_npair_with_the_batch_passed_as_its_own_reference() -> None:

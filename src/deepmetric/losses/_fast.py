@@ -33,8 +33,9 @@ EXP_SAFE = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off for the similarity GEMMs (they must accumulate in the inputs' fp32/fp64 precision); free
-    when autocast is not active."""
+    """Autocast off, so that similarities, softmaxes and row dots accumulate in the inputs' fp32/fp64 precision;
+    free when autocast is not active. Entered once per entry point — ``MetricLoss.forward`` around the lean
+    forward, :class:`_PairMatrixGrad`'s backward, ``Miner.forward`` — not around each operation."""
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
@@ -235,10 +236,9 @@ def prepare(x: Tensor, r: Tensor, normalize: bool = True, fold_norms: bool = Fal
 
 
 def similarity(st: PairState) -> Tensor:
-    with full_precision(st.nx.xf.device):
-        if st.fold:
-            return torch.mm(st.nx.xf, st.nr.xf.t()).mul_(st.nx.inv).mul_(st.nr.inv.t())
-        return torch.mm(st.nx.xn, st.nr.xn.t())
+    if st.fold:
+        return torch.mm(st.nx.xf, st.nr.xf.t()).mul_(st.nx.inv).mul_(st.nr.inv.t())
+    return torch.mm(st.nx.xn, st.nr.xn.t())
 
 
 def finish(st: PairState, value: Tensor, G: Tensor | None) -> Tensor:
@@ -267,8 +267,7 @@ def distance(st: PairState, squared: bool) -> Tensor:
     if st.fold:
         d = similarity(st).mul_(-2.0).add_(nx.unsqueeze(1)).add_(nr).clamp_min_(0.0)
     else:
-        with full_precision(nx.device):
-            d = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr).clamp_min_(0.0)
+        d = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr).clamp_min_(0.0)
     return d if squared else d.add_(DIST_EPS).sqrt_()
 
 

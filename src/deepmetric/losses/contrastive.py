@@ -129,36 +129,19 @@ class ContrastiveLoss(MetricLoss):
                 return out
         with torch.no_grad():
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            n_pos = n_neg = 0
             if self.reduction == "mean":
                 n_pos, n_neg = _fast.count(pos), _fast.count(neg)
                 if n_pos == 0 and n_neg == 0:
                     return _fast.zero(st)
-            if dist:
-                m = _fast.distance(st, squared=False)
-                # ℓ⁺ = [D − m⁺]₊ on P, ℓ⁻ = [m⁻ − D]₊ on N: value = Σ_P⁺ D/c⁺ − Σ_N⁺ D/c⁻ + const.
-                pa = pos.logical_and_(m > self.pos_margin)
-                na = neg.logical_and_(m < self.neg_margin)
-                sign, const_p, const_n = 1.0, -self.pos_margin, self.neg_margin
-            else:
-                m = _fast.similarity(st)
-                # ℓ⁺ = [m⁺ − S]₊ on P, ℓ⁻ = S or S − m⁻ on N ∩ {S > m⁻}.
-                pa = pos.logical_and_(m < self.pos_margin)
-                na = neg.logical_and_(m > self.neg_margin)
-                sign, const_p = -1.0, self.pos_margin
-                const_n = -self.neg_margin if self.negative_term == "hinge" else 0.0
+            m = _fast.distance(st, squared=False) if dist else _fast.similarity(st)
+            act_p, act_n = self._inside_hinges(m, m)
+            pa, na = pos.logical_and_(act_p), neg.logical_and_(act_n)
             npa, nna = _fast.count(pa), _fast.count(na)
-            red = self.reduction
-            if red == "avg_nonzero":
-                cnt_n = nna
-                if not dist and self.negative_term == "similarity" and self.neg_margin < 0:
-                    cnt_n = _fast.count(na & (m > 0))  # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
-                cp, cn = float(max(npa, 1)), float(max(cnt_n, 1))
-            elif red == "mean":
-                cp, cn = float(max(n_pos, 1)), float(max(n_neg, 1))
-            elif red == "batch":
-                cp = cn = float(embeddings.shape[0])
-            else:
-                cp = cn = 1.0
+            # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
+            cnt_n = _fast.count(na & (m > 0)) if self._negatives_counted_by_sign else nna
+            cp, cn = self._divisors(npa, cnt_n, n_pos, n_neg, embeddings.shape[0])
+            sign, const_p, const_n = self._linear_terms()
             # ∂L/∂m: +sign/c⁺ on active positives, −sign/c⁻ on active negatives (disjoint masks, uint8 views:
             # much faster than nested where() on irregular bool masks).
             G = _fast.fm(pa, m.dtype).mul_(sign / cp).sub_(_fast.u8(na), alpha=sign / cn)
@@ -169,6 +152,34 @@ class ContrastiveLoss(MetricLoss):
             if dist:
                 G = _fast.distance_grad(st, G, m, squared=False)
         return _fast.finish(st, value, G)
+
+    def _inside_hinges(self, m_pos: Tensor, m_neg: Tensor) -> tuple[Tensor, Tensor]:
+        """Which positive / negative entries (matrix or gathered values of D or S) have a non-zero hinge."""
+        if self.form == "distance":
+            return m_pos > self.pos_margin, m_neg < self.neg_margin
+        return m_pos < self.pos_margin, m_neg > self.neg_margin
+
+    def _linear_terms(self) -> tuple[float, float, float]:
+        """(sign, c⁺, c⁻): an active positive contributes sign·m + c⁺, an active negative −sign·m + c⁻.
+        Distance form: ℓ⁺ = D − m⁺, ℓ⁻ = m⁻ − D; similarity form: ℓ⁺ = m⁺ − S, ℓ⁻ = S (or S − m⁻, hinge)."""
+        if self.form == "distance":
+            return 1.0, -self.pos_margin, self.neg_margin
+        return -1.0, self.pos_margin, (-self.neg_margin if self.negative_term == "hinge" else 0.0)
+
+    @property
+    def _negatives_counted_by_sign(self) -> bool:
+        """avg_nonzero with ℓ⁻ = S·[S > m⁻] and m⁻ < 0: a negative with m⁻ < S ≤ 0 is active but not non-zero."""
+        return (self.reduction == "avg_nonzero" and self.form == "similarity"
+                and self.negative_term == "similarity" and self.neg_margin < 0)
+
+    def _divisors(self, n_active_pos: int, n_nonzero_neg: int, n_pos: int, n_neg: int, b: int) -> tuple[float, float]:
+        """(c⁺, c⁻) of the reduction: active-pair counts, all-pair counts (``mean``), B, or 1."""
+        red = self.reduction
+        if red == "avg_nonzero":
+            return float(max(n_active_pos, 1)), float(max(n_nonzero_neg, 1))
+        if red == "mean":
+            return float(max(n_pos, 1)), float(max(n_neg, 1))
+        return (float(b), float(b)) if red == "batch" else (1.0, 1.0)
 
     # A slack on the squared-distance threshold: candidates are re-tested on the exact D computed as the dense path
     # computes it, so rounding in the threshold can only add candidates, never lose one.
@@ -192,8 +203,7 @@ class ContrastiveLoss(MetricLoss):
                 # D² before the clamp, exactly as _fast.distance computes it (the same ops on the same values)
                 nx = st.nx.sqnorm()
                 nr = nx if st.same else st.nr.sqnorm()
-                with _fast.full_precision(nx.device):
-                    m = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr)
+                m = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr)
                 cand = m < self.neg_margin ** 2 + self._CANDIDATE_SLACK if self.neg_margin > 0 else None
             else:
                 m = _fast.similarity(st)
@@ -210,31 +220,19 @@ class ContrastiveLoss(MetricLoss):
             if dist:
                 vp = vp.clamp_min_(0.0).add_(_fast.DIST_EPS).sqrt_()
                 vn = vn.clamp_min_(0.0).add_(_fast.DIST_EPS).sqrt_()
-                act_p, act_n = vp > self.pos_margin, vn < self.neg_margin
-                sign, const_p, const_n = 1.0, -self.pos_margin, self.neg_margin
-            else:
-                act_p, act_n = vp < self.pos_margin, vn > self.neg_margin
-                sign, const_p = -1.0, self.pos_margin
-                const_n = -self.neg_margin if self.negative_term == "hinge" else 0.0
+            act_p, act_n = self._inside_hinges(vp, vn)
             pr, pc, vp = pr[act_p], pc[act_p], vp[act_p]
             nr_, nc_, vn = nr_[act_n], nc_[act_n], vn[act_n]
             npa, nna = pr.shape[0], nr_.shape[0]
-            red = self.reduction
-            if red == "avg_nonzero":
-                cnt_n = nna
-                if not dist and self.negative_term == "similarity" and self.neg_margin < 0:
-                    cnt_n = int((vn > 0).sum())  # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
-                cp, cn = float(max(npa, 1)), float(max(cnt_n, 1))
-            elif red == "mean":  # every valid pair counts (no ignore_mask on this path)
+            n_pos = n_neg = 0
+            if self.reduction == "mean":  # every valid pair counts (no ignore_mask on this path)
                 n_pos = pairs[0].shape[0]
                 n_neg = b * r - n_pos - (b if self_cmp else 0)
                 if n_pos == 0 and n_neg == 0:
                     return _fast.zero(st)
-                cp, cn = float(max(n_pos, 1)), float(max(n_neg, 1))
-            elif red == "batch":
-                cp = cn = float(b)
-            else:
-                cp = cn = 1.0
+            cnt_n = int((vn > 0).sum()) if self._negatives_counted_by_sign else nna
+            cp, cn = self._divisors(npa, cnt_n, n_pos, n_neg, b)
+            sign, const_p, const_n = self._linear_terms()
             gp = vp.new_full((npa,), sign / cp)
             gn = vn.new_full((nna,), -sign / cn)
             value = torch.dot(gp, vp) + torch.dot(gn, vn)

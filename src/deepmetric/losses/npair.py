@@ -83,15 +83,14 @@ class NPairLoss(MetricLoss):
             same = ref_embeddings is embeddings
             xa = _fast.Normalized(embeddings[anchors], self.normalize_embeddings)
             xp = _fast.Normalized(ref_embeddings[positives], self.normalize_embeddings)
-            with _fast.full_precision(xa.xf.device):
-                logits = torch.mm(xa.xn, xp.xn.t())
-                n = anchors.shape[0]
-                # unit rows bound the logits by 1; unnormalised ones are not bounded
-                bound = 1.0 + 1e-3 if self.normalize_embeddings else float("inf")
-                value, w = _fast.cross_entropy(logits, torch.arange(n, device=logits.device), bound)
-                one = value.new_ones(())
-                ga = xa.backward(torch.mm(w, xp.xn), one)
-                gp = xp.backward(torch.mm(w.t(), xa.xn), one)
+            logits = torch.mm(xa.xn, xp.xn.t())
+            n = anchors.shape[0]
+            # unit rows bound the logits by 1; unnormalised ones are not bounded
+            bound = 1.0 + 1e-3 if self.normalize_embeddings else float("inf")
+            value, w = _fast.cross_entropy(logits, torch.arange(n, device=logits.device), bound)
+            one = value.new_ones(())
+            ga = xa.backward(torch.mm(w, xp.xn), one)
+            gp = xp.backward(torch.mm(w.t(), xa.xn), one)
         if not torch.is_grad_enabled():
             return value
         # anchors are one row per class, positives one row per class too, and under self comparison never the

@@ -273,7 +273,7 @@ class SoftTripleLoss(ProxyLoss):
 
     def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         st = self._fast_state(embeddings)
-        with torch.no_grad(), _fast.full_precision(embeddings.device):  # vecdot/softmax are autocast ops too
+        with torch.no_grad():
             sim = _fast.similarity(st)
             b, inv_gamma, la = sim.shape[0], 1.0 / self.gamma, self.la
             sim3 = sim.view(b, self.num_classes, self.centers_per_class)

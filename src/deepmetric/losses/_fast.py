@@ -176,19 +176,22 @@ SPARSE_FRACTION = 16  # backward through sparse×dense products instead of the G
 
 def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: Tensor):
     """The backward GEMM(s) as COO sparse × dense products, O(nnz·d), for a sparse ∂L/∂S (hinge losses)."""
-    co = G if G.is_sparse else G.to_sparse()
     xn, rn = st.nx.xn, st.nr.xn
     gx = gr = None
     if st.same:
-        # one product with G + Gᵀ (coalescing sums a pair and its transpose) instead of two
-        idx, val = co._indices(), co._values()
-        sym = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), co.shape,
-                                      check_invariants=False).coalesce()
+        # one product with G + Gᵀ instead of two; a dense G is summed with its transpose first (two passes over
+        # B×R), whose to_sparse() comes out coalesced, cheaper than coalescing the concatenated pair lists
+        if G.is_sparse:
+            idx, val = G._indices(), G._values()
+            sym = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), G.shape,
+                                          check_invariants=False).coalesce()
+        else:
+            sym = G.t().contiguous().add_(G).to_sparse()
         gxn = torch.sparse.mm(sym, xn)
         if st.dx is not None:
             gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn)
         return st.nx.backward(gxn, go), None, None
-    co = co.coalesce()
+    co = (G if G.is_sparse else G.to_sparse()).coalesce()
     if need_x:
         gxn = torch.sparse.mm(co, rn)
         if st.dx is not None:
@@ -406,23 +409,27 @@ def log_sum_exp(a: Tensor, mask: Tensor, bound: float) -> tuple[Tensor, Tensor]:
     return v.squeeze(1), e.div_(z.clamp_min_(torch.finfo(z.dtype).tiny))
 
 
-def cross_entropy(z: Tensor, target: Tensor, bound: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of the logits ``z`` (B×C, consumed) against ``target`` (B, long), and
-    W = scale·∂value/∂z = scale·(softmax(z) − onehot(target))/B.
+def cross_entropy(z: Tensor, target: Tensor | None, bound: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of the logits ``z`` (B×C, consumed) against ``target`` (B, long; None: the diagonal,
+    target i for row i), and W = scale·∂value/∂z = scale·(softmax(z) − onehot(target))/B.
 
     ``bound`` ≥ max |z| over the matrix: below the dtype's safe exponent the row-max pass is skipped.
     """
     b = z.shape[0]
-    t = target.unsqueeze(1)
-    zt = z.gather(1, t)
+    t = None if target is None else target.unsqueeze(1)
+    # per-row target logits (minus the row max), taken before z is overwritten
+    zt = z.diagonal().unsqueeze(1).clone() if t is None else z.gather(1, t)
     if bound >= EXP_SAFE.get(z.dtype, 0.0):
         m = z.amax(1, keepdim=True)
         zt.sub_(m)
         z.sub_(m)
     e = z.exp_()
     s = e.sum(1, keepdim=True)
-    value = s.log().sub_(zt).sum() / b
-    w = e.mul_(s.reciprocal_().mul_(scale / b))
+    value = s.log().sub_(zt).sum().div_(b)
+    w = e.div_(s.mul_(b / scale))
+    if t is None:
+        w.diagonal().sub_(scale / b)
+        return value, w
     return value, w.scatter_add_(1, t, w.new_full((b, 1), -scale / b))
 
 

@@ -45,59 +45,75 @@ class NPairLoss(MetricLoss):
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
-        # The first positive column per anchor, then value and gradient of the C×C cross-entropy on the 2C
-        # selected rows; the backward scatters the two C×d gradient blocks (no B×d autograd gathers).
+        # The (anchor, positive) rows, then value and gradient of the C×C cross-entropy on those 2C rows
+        # (gathered and normalised together); the backward copies the 2C×d gradient block into zeros.
         like = (embeddings,) if ref_embeddings is embeddings else (embeddings, ref_embeddings)
         with torch.no_grad():
-            if ignore_mask is None and mined is None:
-                # No B×R mask: stable sort of the reference labels, the first index of the anchor's class
-                # (the second one when the first is the anchor itself under self comparison).
-                r = ref_labels.shape[0]
-                sorted_l, order = torch.sort(ref_labels, stable=True)
-                lab = labels.to(device=sorted_l.device, dtype=sorted_l.dtype)
-                lo = torch.searchsorted(sorted_l, lab)
-                cnt = torch.searchsorted(sorted_l, lab, right=True) - lo
-                first_pos = order[lo.clamp_max(r - 1)]
-                if self_cmp:
-                    second = order[(lo + 1).clamp_max(r - 1)]
-                    first_pos = torch.where(first_pos == torch.arange(labels.shape[0], device=labels.device),
-                                            second, first_pos)
-                    has = cnt >= 2
-                else:
-                    has = cnt >= 1
+            if self_cmp and ignore_mask is None and mined is None:
+                anchors, positives = _first_two_of_each_label(labels)
             else:
-                pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-                has = _fast.row_any(pos)
-                first_pos = _fast.u8(pos).argmax(1)  # index of the first True per row
-            none = not bool(has.any())
-        if none:
+                anchors, positives = self._first_positive_pairs(labels, ref_labels, ignore_mask, self_cmp, mined)
+        n = anchors.shape[0]
+        if n == 0:
             return zero_loss(*like)
         with torch.no_grad():
-            # per class the first anchor row (batch order) with a positive: a stable sort by label, first of each run
-            cand = has.nonzero().squeeze(1)
-            lab, order = torch.sort(labels[cand], stable=True)
-            first = torch.ones_like(lab, dtype=torch.bool)
-            first[1:] = lab[1:] != lab[:-1]
-            anchors = cand[order[first]]
-            positives = first_pos[anchors]
             same = ref_embeddings is embeddings
-            xa = _fast.Normalized(embeddings[anchors], self.normalize_embeddings)
-            xp = _fast.Normalized(ref_embeddings[positives], self.normalize_embeddings)
-            logits = torch.mm(xa.xn, xp.xn.t())
-            n = anchors.shape[0]
+            x = embeddings.detach()
+            if same:
+                rows = torch.cat((anchors, positives))
+                z = _fast.Normalized(x.index_select(0, rows), self.normalize_embeddings)
+            else:
+                z = _fast.Normalized(torch.cat((x.index_select(0, anchors),
+                                                ref_embeddings.detach().index_select(0, positives))),
+                                     self.normalize_embeddings)
+            xa, xp = z.xn[:n], z.xn[n:]
             # unit rows bound the logits by 1; unnormalised ones are not bounded
             bound = 1.0 + 1e-3 if self.normalize_embeddings else float("inf")
-            value, w = _fast.cross_entropy(logits, torch.arange(n, device=logits.device), bound)
-            one = value.new_ones(())
-            ga = xa.backward(torch.mm(w, xp.xn), one)
-            gp = xp.backward(torch.mm(w.t(), xa.xn), one)
+            value, w = _fast.cross_entropy(torch.mm(xa, xp.t()), None, bound)
+            g = torch.empty_like(z.xn)
+            torch.mm(w, xp, out=g[:n])
+            torch.mm(w.t(), xa, out=g[n:])
+            g = z.backward(g, value.new_ones(()))
         if not torch.is_grad_enabled():
             return value
-        # anchors are one row per class, positives one row per class too, and under self comparison never the
-        # anchor itself: all distinct (not so when the batch is passed explicitly as its own reference)
-        return _fast.finish_rows(embeddings, None if same else ref_embeddings, value,
-                                 ((0, anchors, ga), (0 if same else 1, positives, gp)),
-                                 distinct=self_cmp or not same)
+        if same:
+            # anchors and positives are distinct rows under self comparison (one anchor per class, its positive
+            # another row); not so when the batch is passed explicitly as its own reference
+            return _fast.finish_rows(embeddings, None, value, ((0, rows, g),), distinct=self_cmp)
+        return _fast.finish_rows(embeddings, ref_embeddings, value, ((0, anchors, g[:n]), (1, positives, g[n:])),
+                                 distinct=True)
+
+    def _first_positive_pairs(
+        self, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per class, the first anchor row (batch order) with a valid positive and that anchor's first positive."""
+        if ignore_mask is None and mined is None:
+            # No B×R mask: stable sort of the reference labels, the first index of the anchor's class (the second
+            # one when the first is the anchor itself under self comparison).
+            r = ref_labels.shape[0]
+            sorted_l, order = torch.sort(ref_labels, stable=True)
+            lab = labels.to(device=sorted_l.device, dtype=sorted_l.dtype)
+            lo = torch.searchsorted(sorted_l, lab)
+            cnt = torch.searchsorted(sorted_l, lab, right=True) - lo
+            first_pos = order[lo.clamp_max(r - 1)]
+            if self_cmp:
+                second = order[(lo + 1).clamp_max(r - 1)]
+                first_pos = torch.where(first_pos == torch.arange(labels.shape[0], device=labels.device),
+                                        second, first_pos)
+                has = cnt >= 2
+            else:
+                has = cnt >= 1
+        else:
+            pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            has = _fast.row_any(pos)
+            first_pos = _fast.u8(pos).argmax(1)  # index of the first True per row
+        # per class the first anchor row (batch order) with a positive: a stable sort by label, first of each run
+        cand = has.nonzero().squeeze(1)
+        lab, order = torch.sort(labels[cand], stable=True)
+        first = torch.ones_like(lab, dtype=torch.bool)
+        first[1:] = lab[1:] != lab[:-1]
+        anchors = cand[order[first]]
+        return anchors, first_pos[anchors]
 
     def _from_first_positive(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, has: Tensor, first_pos: Tensor,
@@ -117,3 +133,14 @@ class NPairLoss(MetricLoss):
         target = torch.arange(anchors.shape[0], device=logits.device)
         like = (embeddings,) if ref_embeddings is embeddings else (embeddings, ref_embeddings)
         return F.cross_entropy(logits, target) + zero_loss(*like)
+
+
+def _first_two_of_each_label(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For every label occurring at least twice: its first and second row in batch order (one stable sort)."""
+    sorted_l, order = torch.sort(labels, stable=True)
+    same_as_next = sorted_l[1:] == sorted_l[:-1]
+    # k starts a run of ≥ 2 equal labels: equal to its successor and (k = 0 or) different from its predecessor
+    starts_pair = same_as_next.clone()
+    starts_pair[1:] &= ~same_as_next[:-1]
+    k = starts_pair.nonzero().squeeze(1)
+    return order[k], order[k + 1]

@@ -222,7 +222,7 @@ class CrossBatchMemory(nn.Module):
                 rows = self._enqueue_selection(batch, enqueue_mask, embeddings.device)
                 # −1 = "no slot": never equal to a slot id, and empty slots are outside the valid view anyway
                 row_ids = torch.full((batch,), -1, dtype=torch.long, device=embeddings.device)
-                row_ids[rows] = self.enqueue(embeddings[rows], labels[rows])
+                row_ids[rows] = self.enqueue(embeddings.index_select(0, rows), labels[rows])
         else:
             active = self.is_active
 

@@ -135,8 +135,12 @@ class ContrastiveLoss(MetricLoss):
                 if n_pos == 0 and n_neg == 0:
                     return _fast.zero(st)
             m = _fast.distance(st, squared=False) if dist else _fast.similarity(st)
-            act_p, act_n = self._inside_hinges(m, m)
-            pa, na = pos.logical_and_(act_p), neg.logical_and_(act_n)
+            if dist and self.pos_margin <= 0.0:
+                # D ≥ √eps > 0 ≥ m⁺: every positive pair is inside its hinge (PML's default m⁺ = 0)
+                pa, na = pos, neg.logical_and_(m < self.neg_margin)
+            else:
+                act_p, act_n = self._inside_hinges(m, m)
+                pa, na = pos.logical_and_(act_p), neg.logical_and_(act_n)
             npa, nna = _fast.count(pa), _fast.count(na)
             # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
             cnt_n = _fast.count(na & (m > 0)) if self._negatives_counted_by_sign else nna

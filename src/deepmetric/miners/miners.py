@@ -97,7 +97,7 @@ class SemiHardMiner(Miner):
         sorted_dn, order = torch.sort(d.masked_fill(~neg, float("inf")), dim=1)
         n_neg = neg.sum(1)
         d_ap = d[a, p].unsqueeze(1)
-        rows = sorted_dn[a]
+        rows = sorted_dn.index_select(0, a)  # not sorted_dn[a]: row gathers by advanced indexing are slow on CPU
         lo = torch.searchsorted(rows, d_ap, side="right").squeeze(1)  # first negative with D_an > D_ap
         hi = torch.searchsorted(rows, d_ap + self.margin, side="left").squeeze(1)  # first with D_an ≥ D_ap + m
         u = self.rand((a.numel(),), d)
@@ -160,10 +160,10 @@ class DistanceWeightedMiner(Miner):
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
             return _empty_triplets(d.device)
-        cdf = torch.cumsum(probs, dim=1)
-        u = self.rand((a.numel(), 1), d) * cdf[a, -1:]
-        k = torch.searchsorted(cdf[a].contiguous(), u, side="right").squeeze(1)
+        cdf = torch.cumsum(probs, dim=1).index_select(0, a)
+        u = self.rand((a.numel(), 1), d) * cdf[:, -1:]
+        k = torch.searchsorted(cdf, u, side="right").squeeze(1)
         # Guard rounding at the top end and zero-probability columns reached by ties.
         k = k.clamp_max(d.shape[1] - 1)
-        k = torch.where(neg[a, k], k, probs[a].argmax(1))
+        k = torch.where(neg[a, k], k, probs.index_select(0, a).argmax(1))
         return MinedTriplets(a, p, k)

@@ -92,6 +92,24 @@ def test_batch_hard_matches_pml(seed: int) -> None:
     assert torch.equal(ours.negative, n[order])
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_batch_hard_matches_brute_force(normalize: bool) -> None:
+    emb, labels = _batch(5, b=30, n_classes=6)
+    emb = emb.double()
+    labels = labels.clone()
+    labels[0] = 99  # an anchor without positives is left out
+    x = torch.nn.functional.normalize(emb) if normalize else emb
+    d = torch.cdist(x, x)
+    same = labels[:, None] == labels[None]
+    pos = same & ~torch.eye(30, dtype=torch.bool)
+    ours = BatchHardMiner(normalize_embeddings=normalize)(emb, labels)
+    keep = pos.any(1) & (~same).any(1)
+    anchors = torch.nonzero(keep).squeeze(1)
+    assert torch.equal(ours.anchor, anchors)
+    assert torch.equal(ours.positive, d.masked_fill(~pos, -1.0).argmax(1)[anchors])
+    assert torch.equal(ours.negative, d.masked_fill(same, float("inf")).argmin(1)[anchors])
+
+
 @pytest.mark.parametrize("positives", ["random", "all"])
 def test_semi_hard_triplets_are_semi_hard_when_possible(positives: str) -> None:
     emb, labels = _batch(3, b=24, n_classes=4)

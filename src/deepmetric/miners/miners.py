@@ -53,8 +53,10 @@ class MultiSimilarityMiner(Miner):
 
 class BatchHardMiner(Miner):
     r"""Batch-hard mining (Hermans, Beyer, Leibe 2017), as PML ``BatchHardMiner``: for every anchor with both,
-    the farthest positive and the closest negative (Euclidean on L2-normalised embeddings, or squared).
-    Returns at most B :class:`MinedTriplets`. Deterministic (ties: lowest index).
+    the farthest positive and the closest negative (Euclidean on L2-normalised embeddings by default).
+    Returns at most B :class:`MinedTriplets`. Deterministic (ties: lowest index). On unit rows the selection
+    reads the similarity matrix (D² = 2 − 2S orders pairs as D does); ``squared`` does not change the selection
+    and is accepted for symmetry with the losses' flag.
     """
 
     def __init__(self, *, squared: bool = False, normalize_embeddings: bool = True, seed: int | None = None) -> None:
@@ -62,11 +64,25 @@ class BatchHardMiner(Miner):
         self.squared, self.normalize_embeddings = squared, normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        d = _fast.distance(_fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings), self.squared)
-        hard_p = torch.where(pos, d, float("-inf")).argmax(1)
-        hard_n = torch.where(neg, d, float("inf")).argmin(1)
-        a = torch.nonzero(_fast.row_any(pos).logical_and_(_fast.row_any(neg)), as_tuple=True)[0]
-        return MinedTriplets(a, hard_p[a], hard_n[a])
+        # D² orders pairs as D does (√ is monotone), and on unit rows D² = 2 − 2S: the farthest positive has the
+        # smallest similarity, the nearest negative the largest. max/min give the extreme value with its (first)
+        # index in one pass; ±inf left means the row has no positive / no negative.
+        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
+        inf = float("inf")
+        if self.normalize_embeddings:
+            s = _fast.similarity(st)
+            far, hard_p = torch.where(pos, s, inf).min(1)
+            near, hard_n = torch.where(neg, s, -inf).max(1)
+            ok = (far < inf).logical_and_(near > -inf)
+        else:
+            d = _fast.distance(st, squared=True)
+            far, hard_p = torch.where(pos, d, -inf).max(1)
+            near, hard_n = torch.where(neg, d, inf).min(1)
+            ok = (far > -inf).logical_and_(near < inf)
+        a = torch.nonzero(ok, as_tuple=True)[0]
+        if a.shape[0] == hard_p.shape[0]:
+            return MinedTriplets(a, hard_p, hard_n)
+        return MinedTriplets(a, hard_p.index_select(0, a), hard_n.index_select(0, a))
 
 
 class SemiHardMiner(Miner):

@@ -428,7 +428,7 @@ def cross_entropy(z: Tensor, target: Tensor | None, bound: float, scale: float =
     e = z.exp_()
     s = e.sum(1, keepdim=True)
     value = s.log().sub_(zt).sum().div_(b)
-    w = e.div_(s.mul_(b / scale))
+    w = e.mul_(s.reciprocal_().mul_(scale / b))
     if t is None:
         w.diagonal().sub_(scale / b)
         return value, w

@@ -158,14 +158,14 @@ class TripletMarginLoss(MetricLoss):
         # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
         every_row = t == xn.shape[0] and bool((a == torch.arange(t, device=a.device)).all())
         xa = xn if every_row else xn.index_select(0, a)
-        # Positives and negatives as one 2T×d block: x̂_a − r̂ is written over the gathered rows (index_select:
-        # advanced indexing of rows is several times slower on CPU; fresh B×d buffers cost page faults).
+        # Positives and negatives as one 2T×d block, x̂_a − r̂ written over the gathered rows (one buffer, one
+        # row-dot, one scatter); index_select because advanced indexing of rows is several times slower on CPU.
         pn = torch.cat((p, n))
         diff = rn.index_select(0, pn).view(2, t, -1)
         torch.sub(xa, diff, out=diff)
         # D² = ‖x̂_a − r̂‖² summed directly (the dense path's GEMM expansion agrees up to rounding)
         flat = diff.view(2 * t, -1)
-        dist = torch.linalg.vecdot(flat, flat).view(2, t)  # D²_ap, D²_an (a 2-D vecdot: the 3-D one is slow)
+        dist = torch.linalg.vecdot(flat, flat).view(2, t)  # D²_ap, D²_an
         if not self.squared:
             dist = dist.add_(_fast.DIST_EPS).sqrt_()
         losses = (dist[0] - dist[1]).add_(self.margin).clamp_min_(0.0)

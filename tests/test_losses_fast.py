@@ -100,6 +100,19 @@ def test_fast_path_matches_reference(spec: str) -> None:
         _assert_fast_matches_reference(loss, x, y, kw, spec)
 
 
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_fast_path_matches_reference_when_rows_lack_positives_or_negatives(spec: str) -> None:
+    x, y, xr, yr, _ = _batch(11, 24, 30, 8, 6)
+    yr = yr.masked_fill(yr == 5, 4)
+    y = y.clone()
+    y[0], y[1] = 5, 3  # anchor 0: no positive among the references (none has label 5)
+    yr[0] = 3
+    ignore = (yr != y[1]).unsqueeze(0) & (torch.arange(24) == 1).unsqueeze(1)  # anchor 1: positives only
+    loss = SPECS[spec]().double()
+    kw = {"ref": xr, "ref_labels": yr, "ignore_mask": ignore}
+    _assert_fast_matches_reference(loss, x, y, kw, spec)
+
+
 def test_fast_path_backward_can_run_twice_and_under_no_grad() -> None:
     x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     y = torch.arange(12) // 3

@@ -139,39 +139,46 @@ class LiftedStructureLoss(MetricLoss):
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             if self.variant == "original":
                 return self._fast_original(st, pos, neg, norm)
-            if modified:
-                m = _fast.similarity(st)
-                if self.mining:
-                    pos, neg = fast_ms_selection(m, pos, neg, self.epsilon)
-            else:
-                m = _fast.distance(st, squared=False)
+            if not modified:
+                return self._fast_generalized(st, pos, neg, norm, embeddings.shape[0])
+            m = _fast.similarity(st)
+            if self.mining:
+                pos, neg = fast_ms_selection(m, pos, neg, self.epsilon)
             ok = _fast.row_any(pos) & _fast.row_any(neg)
             n_ok = int(ok.sum())
             if n_ok == 0:
                 return _fast.zero(st)
             denom = float(embeddings.shape[0] if self.reduction == "batch" else n_ok)
-            if modified:
-                a, b = self.alpha, self.beta
-                v_p, w_p = _fast.log_sum_exp(m.mul(-b), pos, abs(b) * (1.0 + 1e-6))
-                v_n, w_n = _fast.log_sum_exp(m.mul_(a), neg, abs(a) * (1.0 + 1e-6))
-                per_anchor = v_p.mul_(2.0 / b).add_(v_n, alpha=2.0 / a)
-                # ∂L/∂S = (2/denom)·(W⁻ − W⁺) on contributing anchors
-                row = ok.to(m.dtype).mul_(2.0 / denom).unsqueeze(1)
-                value = per_anchor.masked_fill_(~ok, 0.0).sum() / denom
-                return _fast.finish(st, value, w_n.sub_(w_p).mul_(row))
-            # generalized: [lse_P(D − m⁺) + lse_N(m⁻ − D)]₊; unit rows have D ≤ 2.
-            bp = (2.0 if norm else float("inf")) + abs(self.pos_margin)
-            bn = (2.0 if norm else float("inf")) + abs(self.neg_margin)
-            v_p, w_p = _fast.log_sum_exp(m.sub(self.pos_margin), pos, bp)
-            v_n, w_n = _fast.log_sum_exp(m.neg().add_(self.neg_margin), neg, bn)
-            per_anchor = v_p.add_(v_n)
-            act = ok & (per_anchor > 0)
-            value = per_anchor.masked_fill_(~act, 0.0).sum() / denom
-            if not bool(act.any()):
-                return _fast.finish(st, value, None)
-            row = act.to(m.dtype).div_(denom).unsqueeze(1)
-            gd = w_p.sub_(w_n).mul_(row)
-            return _fast.finish(st, value, _fast.distance_grad(st, gd, m, squared=False))
+            a, b = self.alpha, self.beta
+            v_p, w_p = _fast.log_sum_exp(m.mul(-b), pos, abs(b) * (1.0 + 1e-6))
+            v_n, w_n = _fast.log_sum_exp(m.mul_(a), neg, abs(a) * (1.0 + 1e-6))
+            per_anchor = v_p.mul_(2.0 / b).add_(v_n, alpha=2.0 / a)
+            # ∂L/∂S = (2/denom)·(W⁻ − W⁺) on contributing anchors
+            row = ok.to(m.dtype).mul_(2.0 / denom).unsqueeze(1)
+            value = per_anchor.masked_fill_(~ok, 0.0).sum() / denom
+            return _fast.finish(st, value, w_n.sub_(w_p).mul_(row))
+
+    def _fast_generalized(self, st: _fast.PairState, pos: Tensor, neg: Tensor, norm: bool, b: int) -> Tensor:
+        """[lse_P(D − m⁺) + lse_N(m⁻ − D)]₊ per anchor with both kinds of pairs; unit rows have D ≤ 2."""
+        m = _fast.distance(st, squared=False)
+        bp = (2.0 if norm else float("inf")) + abs(self.pos_margin)
+        bn = (2.0 if norm else float("inf")) + abs(self.neg_margin)
+        v_p, w_p = _fast.log_sum_exp(m.sub(self.pos_margin), pos, bp)
+        v_n, w_n = _fast.log_sum_exp(torch.rsub(m, self.neg_margin), neg, bn)
+        # a row without positives (negatives) has an lse of −∞: no separate pass over the masks
+        ok = v_p.isfinite().logical_and_(v_n.isfinite())
+        n_ok = int(ok.sum())
+        if n_ok == 0:
+            return _fast.zero(st)
+        denom = float(b if self.reduction == "batch" else n_ok)
+        per_anchor = v_p.add_(v_n)
+        act = ok & (per_anchor > 0)
+        value = per_anchor.masked_fill_(~act, 0.0).sum() / denom
+        if not bool(act.any()):
+            return _fast.finish(st, value, None)
+        row = act.to(m.dtype).div_(denom).unsqueeze(1)
+        gd = w_p.sub_(w_n).mul_(row)
+        return _fast.finish(st, value, _fast.distance_grad(st, gd, m, squared=False))
 
     def _fast_original(self, st: _fast.PairState, pos: Tensor, neg: Tensor, norm: bool) -> Tensor:
         n_pos = _fast.count(pos)

@@ -86,23 +86,15 @@ class NPairLoss(MetricLoss):
     def _first_positive_pairs(
         self, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None,
     ) -> tuple[Tensor, Tensor]:
-        """Per class, the first anchor row (batch order) with a valid positive and that anchor's first positive."""
-        if ignore_mask is None and mined is None:
-            # No B×R mask: stable sort of the reference labels, the first index of the anchor's class (the second
-            # one when the first is the anchor itself under self comparison).
-            r = ref_labels.shape[0]
+        """Per class, the first anchor row (batch order) with a valid positive and that anchor's first positive.
+        (A self comparison without ignore_mask or mined tuples takes :func:`_first_two_of_each_label` instead.)"""
+        if ignore_mask is None and mined is None and not self_cmp:
+            # No B×R mask: stable sort of the reference labels, the first reference index of the anchor's class.
             sorted_l, order = torch.sort(ref_labels, stable=True)
             lab = labels.to(device=sorted_l.device, dtype=sorted_l.dtype)
             lo = torch.searchsorted(sorted_l, lab)
-            cnt = torch.searchsorted(sorted_l, lab, right=True) - lo
-            first_pos = order[lo.clamp_max(r - 1)]
-            if self_cmp:
-                second = order[(lo + 1).clamp_max(r - 1)]
-                first_pos = torch.where(first_pos == torch.arange(labels.shape[0], device=labels.device),
-                                        second, first_pos)
-                has = cnt >= 2
-            else:
-                has = cnt >= 1
+            has = torch.searchsorted(sorted_l, lab, right=True) > lo
+            first_pos = order[lo.clamp_max(ref_labels.shape[0] - 1)]
         else:
             pos, _ = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             has = _fast.row_any(pos)

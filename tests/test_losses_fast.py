@@ -109,8 +109,8 @@ def test_fast_path_matches_reference_when_rows_lack_positives_or_negatives(spec:
     yr[0] = 3
     ignore = (yr != y[1]).unsqueeze(0) & (torch.arange(24) == 1).unsqueeze(1)  # anchor 1: positives only
     loss = SPECS[spec]().double()
-    kw = {"ref": xr, "ref_labels": yr, "ignore_mask": ignore}
-    _assert_fast_matches_reference(loss, x, y, kw, spec)
+    _assert_fast_matches_reference(loss, x, y, {"ref": xr, "ref_labels": yr, "ignore_mask": ignore}, spec)
+    _assert_fast_matches_reference(loss, x, y, {"ref": xr, "ref_labels": yr}, spec + " (no ignore_mask)")
 
 
 def test_fast_path_backward_can_run_twice_and_under_no_grad() -> None:

@@ -20,7 +20,7 @@ ignored pair is dropped, so a miner can never re-introduce a self-pair removed b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +55,16 @@ class MinedPairs:
 
 @dataclass(frozen=True)
 class MinedTriplets:
-    """Triplets as index tensors: ``anchor`` rows of the batch, ``positive``/``negative`` columns of the reference."""
+    """Triplets as index tensors: ``anchor`` rows of the batch, ``positive``/``negative`` columns of the reference.
+
+    ``_source`` is set by the built-in miners (:class:`deepmetric.losses._fast.MiningSource`): a lean loss given
+    the very inputs mined on reuses the miner's normalisation and skips re-validating the triplets.
+    """
 
     anchor: Tensor
     positive: Tensor
     negative: Tensor
+    _source: _fast.MiningSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.anchor.shape

@@ -116,10 +116,10 @@ class TripletMarginLoss(MetricLoss):
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
+        if type(mined) is MinedTriplets:
+            return self._fast_mined(embeddings, labels, ref_embeddings, ref_labels, ignore_mask, self_cmp, mined)
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
         with torch.no_grad():
-            if type(mined) is MinedTriplets:
-                return self._fast_triplets(st, mined, labels, ref_labels, ignore_mask, self_cmp)
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             n_pos, n_neg = pos.sum(1), neg.sum(1)
             if not bool(((n_pos > 0) & (n_neg > 0)).any()):
@@ -145,44 +145,65 @@ class TripletMarginLoss(MetricLoss):
             gd.mul_(scale)
         return _fast.finish(st, value, _fast.distance_grad(st, gd, d, self.squared))
 
-    def _fast_triplets(
-        self, st: _fast.PairState, mined: MinedTriplets, labels: Tensor, ref_labels: Tensor,
-        ignore_mask: Tensor | None, self_cmp: bool,
+    def _fast_mined(
+        self, x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool,
+        mined: MinedTriplets,
     ) -> Tensor:
-        """O(T·d): only the 2T distances of the mined triplets are formed (no B×R GEMM)."""
-        a, p, n = _fast.valid_triplets(mined, labels, ref_labels, ignore_mask, self_cmp)
+        """O(T·d): only the 2T distances of the mined triplets are formed (no B×R GEMM). Triplets a built-in
+        miner returned for these very inputs are used as they are, on the miner's normalisation."""
+        source = mined._source
+        st = None if source is None else source.state_for(
+            x, r, labels, ref_labels, ignore_mask, self_cmp, self.normalize_embeddings)
+        if st is not None:
+            a, p, n, every_row = mined.anchor, mined.positive, mined.negative, source.every_row
+        else:
+            st = _fast.prepare(x, r, self.normalize_embeddings)
+            a, p, n = _fast.valid_triplets(mined, labels, ref_labels, ignore_mask, self_cmp)
+            # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
+            every_row = a.shape[0] == x.shape[0] and bool((a == torch.arange(a.shape[0], device=a.device)).all())
         if a.numel() == 0:
             return _fast.zero(st)
+        with torch.no_grad():
+            value, gxn, grn = self._triplet_terms(st, a, p, n, every_row)
+        return _fast.finish_direct(st, value, gxn, grn)
+
+    def _triplet_terms(
+        self, st: _fast.PairState, a: Tensor, p: Tensor, n: Tensor, every_row: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The value and its gradients wrt x̂ and r̂ (None when the references are the batch) on T triplets."""
         xn, rn = st.nx.xn, st.nr.xn
         t = a.shape[0]
-        # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
-        every_row = t == xn.shape[0] and bool((a == torch.arange(t, device=a.device)).all())
         xa = xn if every_row else xn.index_select(0, a)
         # Positives and negatives as one 2T×d block, x̂_a − r̂ written over the gathered rows (one buffer, one
         # row-dot, one scatter); index_select because advanced indexing of rows is several times slower on CPU.
         pn = torch.cat((p, n))
         diff = rn.index_select(0, pn).view(2, t, -1)
         torch.sub(xa, diff, out=diff)
-        # D² = ‖x̂_a − r̂‖² summed directly (the dense path's GEMM expansion agrees up to rounding)
+        # D² = ‖x̂_a − r̂‖² directly (the dense path's GEMM expansion agrees up to rounding); vector_norm reads the
+        # block once, a row dot (vecdot) writes a product of its size first
         flat = diff.view(2 * t, -1)
-        dist = torch.linalg.vecdot(flat, flat).view(2, t)  # D²_ap, D²_an
+        dist = torch.linalg.vector_norm(flat, dim=1).view(2, t).square_()  # D²_ap, D²_an
         if not self.squared:
-            dist = dist.add_(_fast.DIST_EPS).sqrt_()
-        losses = (dist[0] - dist[1]).add_(self.margin).clamp_min_(0.0)
+            dist.add_(_fast.DIST_EPS).sqrt_()
+        losses = torch.sub(dist[0], dist[1]).add_(self.margin)
         active = losses > 0
-        scale = self._scale(active.sum(), torch.tensor(t), losses.dtype)
-        value = losses.sum() * scale
+        w = active.to(losses.dtype)  # ∂value/∂ℓ per triplet
+        value = losses.clamp_min_(0.0).sum()
+        if self.reduction != "sum":
+            # few small ops: at T ≈ B each costs about as much as a pass over a B×d block
+            scale = w.sum().clamp_min_(1.0).reciprocal_() if self.reduction == "avg_nonzero" else 1.0 / t
+            value.mul_(scale)
+            w.mul_(scale)
         # ∂ℓ/∂D_ap = 1, ∂ℓ/∂D_an = −1 on active triplets; ∂D²/∂x̂_a = 2(x̂_a − r̂), ∂D/∂D² = 1/(2D).
-        coef = active.to(losses.dtype).mul_(scale * 2.0).expand(2, t).clone()
+        coef = dist.fill_(2.0) if self.squared else dist.reciprocal_()
+        coef.mul_(w)
         coef[1].neg_()
-        if not self.squared:
-            coef.div_(dist).mul_(0.5)
         diff.mul_(coef.unsqueeze(2))  # [+∂/∂x̂_a through D_ap; through D_an], each row also −∂/∂r̂
         ga = diff[0] + diff[1]
         gxn = ga if every_row else torch.zeros_like(xn).index_add_(0, a, ga)
         grn = gxn if st.same else torch.zeros_like(rn)
         grn.index_add_(0, pn, flat, alpha=-1.0)
-        return _fast.finish_direct(st, value, gxn, None if st.same else grn)
+        return value, gxn, None if st.same else grn
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"

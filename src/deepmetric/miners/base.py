@@ -44,15 +44,29 @@ class Miner(nn.Module):
         ignore_mask: Tensor | None = None,
     ) -> Mined:
         ref_e, ref_l, ignore, self_cmp = _fast.resolve(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
-        pos, neg = _fast.masks(labels, ref_l, ignore, self_cmp)
         x = embeddings.detach()
         # The same object for a self comparison: miners normalise it once (see deepmetric.losses._fast.prepare).
         # Autocast off: the mined tuples must come from the fp32 distances the loss will use.
+        r = x if ref_e is embeddings else ref_e.detach()
         with _fast.full_precision(x.device):
-            return self.mine(x, x if ref_e is embeddings else ref_e.detach(), pos, neg)
+            mined = self._mine_labels(x, r, labels, ref_l, ignore, self_cmp)
+        source = getattr(mined, "_source", None)
+        if source is not None:
+            source.bind(x, r, labels, ref_l, ignore, self_cmp)
+        return mined
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Mined:
+        """Mine on (embeddings, references) given the B×R positive and negative pair masks."""
         raise NotImplementedError
+
+    def _mine_labels(
+        self, embeddings: Tensor, ref_embeddings: Tensor, labels: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool,
+    ) -> Mined:
+        """Mine from labels (what :meth:`forward` calls): the pair masks, then :meth:`mine`. A miner that reads
+        other masks builds those instead."""
+        pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp)
+        return self.mine(embeddings, ref_embeddings, pos, neg)
 
 
 def sample_one_per_row(mask: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -64,25 +64,48 @@ class BatchHardMiner(Miner):
         self.squared, self.normalize_embeddings = squared, normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
+        return self._hardest(embeddings, ref_embeddings, ~pos, ~neg)
+
+    def _mine_labels(
+        self, embeddings: Tensor, ref_embeddings: Tensor, labels: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, self_cmp: bool,
+    ) -> MinedTriplets:
+        # What each search skips, built directly (fewer B×R passes than the masks and their complements):
+        # same-label pairs (the diagonal included) are no negatives; other labels and the diagonal no positives.
+        same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        other = ~same
+        if self_cmp:
+            other.fill_diagonal_(True)
+        if ignore_mask is not None:
+            ignored = ignore_mask.to(same.device)
+            same |= ignored
+            other |= ignored
+        return self._hardest(embeddings, ref_embeddings, other, same)
+
+    def _hardest(self, embeddings: Tensor, ref_embeddings: Tensor, not_pos: Tensor, not_neg: Tensor) -> MinedTriplets:
         # D² orders pairs as D does (√ is monotone), and on unit rows D² = 2 − 2S: the farthest positive has the
         # smallest similarity, the nearest negative the largest. max/min give the extreme value with its (first)
-        # index in one pass; ±inf left means the row has no positive / no negative.
+        # index in one pass; an excluded value left means the row has no positive / no negative.
         st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
         inf = float("inf")
         if self.normalize_embeddings:
+            # |S| ≤ 1 (up to rounding): excluded pairs are moved out of the way by ±4 instead of where(mask, S, ±inf)
+            # (twice as fast on CPU); the pairs searched keep their exact S (+0), so ties and order are unchanged.
             s = _fast.similarity(st)
-            far, hard_p = torch.where(pos, s, inf).min(1)
-            near, hard_n = torch.where(neg, s, -inf).max(1)
-            ok = (far < inf).logical_and_(near > -inf)
+            far, hard_p = torch.add(s, _fast.u8(not_pos), alpha=4.0).min(1)
+            near, hard_n = torch.add(s, _fast.u8(not_neg), alpha=-4.0).max(1)
+            ok = (far < 2.0).logical_and_(near > -2.0)
         else:
             d = _fast.distance(st, squared=True)
-            far, hard_p = torch.where(pos, d, -inf).max(1)
-            near, hard_n = torch.where(neg, d, inf).min(1)
+            far, hard_p = torch.where(not_pos, -inf, d).max(1)
+            near, hard_n = torch.where(not_neg, inf, d).min(1)
             ok = (far > -inf).logical_and_(near < inf)
         a = torch.nonzero(ok, as_tuple=True)[0]
-        if a.shape[0] == hard_p.shape[0]:
-            return MinedTriplets(a, hard_p, hard_n)
-        return MinedTriplets(a, hard_p.index_select(0, a), hard_n.index_select(0, a))
+        every_row = a.shape[0] == hard_p.shape[0]  # nonzero() is sorted and unique: a = 0..B−1
+        source = _fast.MiningSource(st, self.normalize_embeddings, every_row)
+        if every_row:
+            return MinedTriplets(a, hard_p, hard_n, _source=source)
+        return MinedTriplets(a, hard_p.index_select(0, a), hard_n.index_select(0, a), _source=source)
 
 
 class SemiHardMiner(Miner):
@@ -106,7 +129,8 @@ class SemiHardMiner(Miner):
         self.normalize_embeddings = normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        d = _fast.distance(_fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings), self.squared)
+        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
+        d = _fast.distance(st, self.squared)
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
             return _empty_triplets(d.device)
@@ -121,7 +145,9 @@ class SemiHardMiner(Miner):
         start = torch.where(semi, lo, torch.zeros_like(lo))
         width = torch.where(semi, hi - lo, n_neg[a])
         k = start + (u * width).long().clamp_max(width - 1)
-        return MinedTriplets(a, p, order[a, k])
+        # one (sorted, distinct) anchor per row when every row got a random positive: a = 0..B−1
+        every_row = self.positives == "random" and a.shape[0] == d.shape[0]
+        return MinedTriplets(a, p, order[a, k], _source=_fast.MiningSource(st, self.normalize_embeddings, every_row))
 
 
 def distance_weighted_probabilities(

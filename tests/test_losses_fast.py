@@ -7,6 +7,7 @@ import torch
 
 from deepmetric import losses as dm
 from deepmetric import miners as dmm
+from deepmetric.losses.base import MinedTriplets
 
 SPECS = {
     "ms": lambda: dm.MultiSimilarityLoss(),
@@ -301,3 +302,74 @@ def test_npair_with_the_batch_passed_as_its_own_reference() -> None:
         out.append((v.detach(), gx))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-9)
     assert torch.allclose(out[0][1], out[1][1], rtol=1e-7, atol=1e-9)
+
+
+def _triplet_value_and_grad(loss, x, y, mined, fast: bool, **kw):
+    loss.fast = fast
+    xs = x.detach().clone().requires_grad_(True) if not fast else x
+    v = loss(xs, y, mined=mined, **kw)
+    (g,) = torch.autograd.grad(v, xs)
+    return v.detach(), g
+
+
+@pytest.mark.parametrize("miner", ["batch_hard", "semi_hard_random", "semi_hard_all"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_triplet_loss_on_the_miners_own_inputs_reuses_its_normalisation(miner: str, squared: bool) -> None:
+    """A built-in miner's triplets on the very tensors it mined: the loss takes the miner's normalisation and
+    the triplets as valid (no re-validation); value and gradient equal the reference path's."""
+    make = {"batch_hard": lambda: dmm.BatchHardMiner(),
+            "semi_hard_random": lambda: dmm.SemiHardMiner(seed=0),
+            "semi_hard_all": lambda: dmm.SemiHardMiner(seed=0, positives="all")}[miner]
+    x, y, xr, yr, g = _batch(3, 24, 30, 8, 6)
+    y[0] = 99  # an anchor without positives: not every row is an anchor
+    if miner == "semi_hard_all":
+        # one class of 3 (6 pairs), 3 singletons, 9 classes of 2: 24 anchor entries for 24 rows, not 0..23
+        y = torch.tensor([0, 0, 0, 97, 98, 99] + [1 + i // 2 for i in range(18)])
+        assert int(((y[:, None] == y[None]).sum(1) - 1).sum()) == 24
+    ignore = torch.rand(24, 30, generator=g) < 0.1
+    loss = dm.TripletMarginLoss(0.3, squared=squared).double()
+    for kw in ({}, {"ignore_mask": ignore[:, :24]}, {"ref_embeddings": xr, "ref_labels": yr, "ignore_mask": ignore}):
+        xs = x.clone().requires_grad_(True)
+        mined = make()(xs, y, kw.get("ref_embeddings"), kw.get("ref_labels"), kw.get("ignore_mask"))
+        ref_e = kw.get("ref_embeddings", xs)
+        source = mined._source
+        assert source is not None
+        assert source.state_for(xs, ref_e, y, kw.get("ref_labels", y), kw.get("ignore_mask"), "ref_labels" not in kw,
+                                True) is not None
+        v1, g1 = _triplet_value_and_grad(loss, xs, y, mined, True, **kw)
+        plain = MinedTriplets(mined.anchor, mined.positive, mined.negative)
+        v0, g0 = _triplet_value_and_grad(loss, x, y, plain, False, **kw)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-7, atol=1e-10)
+
+
+def test_triplet_loss_does_not_reuse_a_miners_work_on_changed_or_other_inputs() -> None:
+    """Embeddings or labels changed in place after mining, other labels, another normalisation: the loss
+    normalises and validates again (a stale normalisation or an invalid triplet would change the result)."""
+    x, y, _, _, g = _batch(5, 20, 20, 8, 5)
+    loss = dm.TripletMarginLoss(0.3).double()
+
+    def check(xs, labels, mined, loss=loss):
+        v1, g1 = _triplet_value_and_grad(loss, xs, labels, mined, True)
+        plain = MinedTriplets(mined.anchor, mined.positive, mined.negative)
+        v0, g0 = _triplet_value_and_grad(loss, xs, labels, plain, False)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-7, atol=1e-10)
+
+    xs = x.clone().requires_grad_(True)
+    mined = dmm.BatchHardMiner()(xs, y)
+    with torch.no_grad():
+        xs.add_(torch.randn(20, 8, generator=g, dtype=torch.float64))  # new directions, same tensor object
+    assert mined._source.state_for(xs, xs, y, y, None, True, True) is None
+    check(xs, y, mined)
+
+    labels = y.clone()
+    xs = x.clone().requires_grad_(True)
+    mined = dmm.BatchHardMiner()(xs, labels)
+    labels[mined.anchor[0]] = 99  # its triplet is no longer valid
+    assert mined._source.state_for(xs, xs, labels, labels, None, True, True) is None
+    check(xs, labels, mined)
+
+    mined = dmm.BatchHardMiner()(xs, y)
+    other = y.clone()  # equal values, another tensor: used, but validated again
+    assert mined._source.state_for(xs, xs, other, other, None, True, True) is None
+    check(xs, other, mined)
+    check(xs, y, mined, dm.TripletMarginLoss(0.3, normalize_embeddings=False).double())

@@ -1,14 +1,16 @@
 """Loss benchmark: median forward+backward time of every deepmetric loss vs its pytorch-metric-learning (PML)
 equivalent in the same process, plus peak memory at B=4096 for MS, contrastive and triplet with a miner.
 
-    python benchmarks/losses.py            # B=180 and B=1024, d=512, 15 reps; memory at B=4096
-    python benchmarks/losses.py --small    # B=180 only, fewer repetitions, memory at B=1024
+    python benchmarks/losses.py            # B=180 and B=1024, d=512, 3 rounds × 7 reps; memory at B=4096
+    python benchmarks/losses.py --small    # B=180 only, one round of 5 reps, memory at B=1024
     python benchmarks/losses.py --only multi_similarity contrastive   # cases whose name starts with these
 
 Timing protocol: torch threads pinned (``--threads``, default 1 so that a shared machine's other jobs disturb
-less), one warm-up call each, then ours and PML alternate rep by rep (load changes hit both), median of
-``--reps`` (≥ 15 by default). The machine's load average (os.getloadavg) is recorded before and after. The
-ratio ours/PML is the number to read; absolute times on a loaded machine are not.
+less). ``--rounds`` passes over the case list; in each, one warm-up call per function, then ours, PML and the
+floor alternate rep by rep for ``--reps`` reps. Times are the median over all reps of all rounds; the ratio is
+the median of the per-rep ratios ours/PML (each pair timed back to back, so a load change between reps cancels),
+printed with its quartiles. On a shared 2-core VM a ratio still moves by about ±10% between runs: read the
+quartiles. The machine's load average (os.getloadavg) is recorded before and after.
 
 Prints a table and writes benchmarks/results/losses.json. Labels are m-per-class (4 per class), embeddings
 Gaussian, float32, CPU unless --device is given. PML cases whose pair/triplet index lists would exceed
@@ -141,9 +143,9 @@ def _once(fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor) -> floa
     return time.perf_counter() - t0
 
 
-def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> list[float | None]:
-    """Median seconds of each function (ours, PML, floor), interleaved rep by rep so that load changes on a shared
-    machine hit all of them alike."""
+def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> list[list[float]]:
+    """Seconds of each function (ours, PML, floor) per rep, interleaved rep by rep so that load changes on a shared
+    machine hit all of them alike (one warm-up call each first)."""
     fns = list(fns)
     first = [None if f is None else _once(f, emb) for f in fns]  # warm-up
     times: list[list[float]] = [[] for _ in fns]
@@ -156,7 +158,21 @@ def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> lis
         for i, f in enumerate(fns):
             if f is not None:
                 times[i].append(_once(f, emb))
-    return [statistics.median(t) if t else None for t in times]
+    return times
+
+
+def _paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float] | None:
+    """Median and quartiles of num_i / den_i over the reps both were timed in (adjacent in time, so a load change
+    between reps cancels); the median of the two medians' ratio when they were not timed alike (a slow PML path
+    timed once)."""
+    if not num or not den:
+        return None
+    if len(num) != len(den):
+        r = statistics.median(num) / statistics.median(den)
+        return r, r, r
+    ratios = sorted(a / b for a, b in zip(num, den))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return q[1], q[0], q[2]
 
 
 def cases(b: int, device: torch.device):
@@ -226,36 +242,56 @@ def cases(b: int, device: torch.device):
 
 def run_timings(
     sizes: list[int], reps: int, device: torch.device, pml_max: float, only: list[str] | None = None,
+    rounds: int = 1,
 ) -> list[dict]:
-    rows = []
-    for b in sizes:
-        emb = torch.randn(b, 512, generator=torch.Generator().manual_seed(0)).to(device)
-        for name, ours, pml, size, note, floor_kind in cases(b, device):
-            if only and not any(name.startswith(o) for o in only):
-                continue
-            if pml is not None and size > pml_max:
-                pml = None
-                note = (note + "; " if note else "") + f"PML skipped: ~{size:.1e} index elements"
-            floor = _floor(floor_kind, b, device) if pml is not None and floor_kind else None
-            t_ours, t_pml, t_floor = _time_cases([ours, pml, floor], emb, reps)
-            r = {"loss": name, "B": b, "d": 512, "ours_ms": 1e3 * t_ours, "note": note, "load1": os.getloadavg()[0],
-                 "pml_ms": 1e3 * t_pml if t_pml is not None else None,
-                 "floor_ms": 1e3 * t_floor if t_floor is not None else None}
-            r["ratio"] = r["ours_ms"] / r["pml_ms"] if r["pml_ms"] else None
-            # the ratio an implementation doing only the dense similarity GEMMs would reach
-            r["floor_ratio"] = r["floor_ms"] / r["pml_ms"] if r["pml_ms"] and r["floor_ms"] else None
-            rows.append(r)
-            print(_fmt(r), flush=True)
-    return rows
+    """Every case timed ``reps`` times in each of ``rounds`` passes over the case list (a slow phase of a shared
+    machine then falls on different reps of every case); one row per case with the pooled times."""
+    pooled: dict[tuple[int, str], dict] = {}
+    for k in range(rounds):
+        for b in sizes:
+            emb = torch.randn(b, 512, generator=torch.Generator().manual_seed(0)).to(device)
+            for name, ours, pml, size, note, floor_kind in cases(b, device):
+                if only and not any(name.startswith(o) for o in only):
+                    continue
+                if pml is not None and size > pml_max:
+                    pml = None
+                    note = (note + "; " if note else "") + f"PML skipped: ~{size:.1e} index elements"
+                floor = _floor(floor_kind, b, device) if pml is not None and floor_kind else None
+                times = _time_cases([ours, pml, floor], emb, reps)
+                entry = pooled.setdefault((b, name), {"note": note, "times": [[], [], []], "load1": []})
+                for acc, t in zip(entry["times"], times):
+                    acc.extend(t)
+                entry["load1"].append(os.getloadavg()[0])
+                if k == rounds - 1:
+                    r = _row(name, b, entry)
+                    print(_fmt(r), flush=True)
+    return [_row(name, b, e) for (b, name), e in pooled.items()]
+
+
+def _row(name: str, b: int, entry: dict) -> dict:
+    t_ours, t_pml, t_floor = entry["times"]
+
+    def ms(t: list[float]) -> float | None:
+        return 1e3 * statistics.median(t) if t else None
+
+    r = {"loss": name, "B": b, "d": 512, "ours_ms": ms(t_ours), "pml_ms": ms(t_pml), "floor_ms": ms(t_floor),
+         "note": entry["note"], "load1": max(entry["load1"]), "samples": len(t_ours)}
+    ratio = _paired_ratio(t_ours, t_pml)
+    r["ratio"], r["ratio_q1"], r["ratio_q3"] = ratio if ratio else (None, None, None)
+    # the ratio an implementation doing only the dense similarity GEMMs would reach
+    floor = _paired_ratio(t_floor, t_pml)
+    r["floor_ratio"] = floor[0] if floor else None
+    return r
 
 
 def _fmt(r: dict) -> str:
     def num(v: float | None, fmt: str, width: int) -> str:
         return format(v, fmt) if v is not None else "-".rjust(width)
 
+    spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if r["ratio"] is not None else "-"
     return (f"{r['loss']:34s} {r['B']:5d} {r['ours_ms']:9.2f} {num(r['pml_ms'], '9.2f', 9)} "
-            f"{num(r['floor_ms'], '9.2f', 9)} {num(r['ratio'], '6.3f', 6)} {num(r['floor_ratio'], '6.3f', 6)}  "
-            f"{r['note']}")
+            f"{num(r['floor_ms'], '9.2f', 9)} {num(r['ratio'], '6.3f', 6)} {spread:>9s} "
+            f"{num(r['floor_ratio'], '6.3f', 6)}  {r['note']}")
 
 
 MEMORY_SNIPPET = """
@@ -303,7 +339,8 @@ def run_memory(b: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="B=180 only, 5 repetitions, memory at B=1024")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case and round")
+    ap.add_argument("--rounds", type=int, default=None, help="passes over the case list (times pooled)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
     ap.add_argument("--only", nargs="*", default=None, help="only the cases whose name starts with one of these")
@@ -315,17 +352,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [180] if args.small else [180, 1024]
-    reps = args.reps or (5 if args.small else 15)
+    reps = args.reps or (5 if args.small else 7)
+    rounds = args.rounds or (1 if args.small else 3)
     load_before = os.getloadavg()
-    print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'floor':>6s}  note")
-    rows = run_timings(sizes, reps, device, args.pml_max_elements, args.only)
+    print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'q1-q3':>9s} "
+          f"{'floor':>6s}  note")
+    rows = run_timings(sizes, reps, device, args.pml_max_elements, args.only, rounds)
     mem = [] if args.no_memory else run_memory(1024 if args.small else 4096)
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     result = {
         "device": str(device), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "repetitions": reps,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "repetitions": reps, "rounds": rounds,
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-        "protocol": "median of reps, ours/PML interleaved per rep, one warm-up each, threads pinned",
+        "protocol": ("ours/PML/floor interleaved per rep, one warm-up each per round, threads pinned; times: median "
+                     "over all reps of all rounds; ratio: median (and quartiles) of the per-rep ratios"),
         "timings": rows, "memory": mem,
         "median_ratio": statistics.median(ratios) if ratios else None,
     }

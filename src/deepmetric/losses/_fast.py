@@ -374,7 +374,7 @@ class MiningSource:
     neither normalises them again nor re-validates the triplets (valid by construction for those inputs).
 
     The miner creates it with its :class:`PairState` (``every_row``: the anchors are exactly 0..B−1 in order);
-    ``Miner.forward`` then :meth:`bind` s it to the tensors mined on. The source holds those tensors, so their
+    ``Miner.forward`` then binds it (:meth:`bind`) to the tensors mined on. The source holds those tensors, so their
     storage cannot be freed and reused while it lives, and their version counters as they were: an in-place
     change of the embeddings, labels or ignore_mask between mining and the loss makes :meth:`state_for` refuse,
     and the loss takes its ordinary path.

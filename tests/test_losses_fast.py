@@ -7,7 +7,7 @@ import torch
 
 from deepmetric import losses as dm
 from deepmetric import miners as dmm
-from deepmetric.losses.base import MinedTriplets
+from deepmetric.losses.base import MinedPairs, MinedTriplets
 
 SPECS = {
     "ms": lambda: dm.MultiSimilarityLoss(),
@@ -19,6 +19,9 @@ SPECS = {
     "contrastive_similarity": lambda: dm.ContrastiveLoss(form="similarity"),
     "contrastive_similarity_hinge_mean": lambda: dm.ContrastiveLoss(form="similarity", negative_term="hinge",
                                                                      reduction="mean"),
+    # avg_nonzero with m⁻ < 0: an active negative with m⁻ < S ≤ 0 has a loss ≤ 0 and is not counted
+    "contrastive_similarity_negative_margin": lambda: dm.ContrastiveLoss(form="similarity", neg_margin=-0.2,
+                                                                          reduction="avg_nonzero"),
     "contrastive_sum": lambda: dm.ContrastiveLoss(pos_margin=0.3, neg_margin=1.2, reduction="sum"),
     "contrastive_unnormalized": lambda: dm.ContrastiveLoss(normalize_embeddings=False, neg_margin=4.0),
     "triplet": lambda: dm.TripletMarginLoss(0.05),
@@ -271,13 +274,13 @@ def test_contrastive_pair_lists_fall_back_to_masks_when_pairs_are_many(monkeypat
 
     monkeypatch.setattr(_fast, "PAIR_LIST_MIN_GRID", 0)
     calls = []
-    real_masks = _fast.masks
+    real_masks = _fast.float_pair_masks
 
     def counting_masks(*args, **kwargs):
         calls.append(1)
         return real_masks(*args, **kwargs)
 
-    monkeypatch.setattr(_fast, "masks", counting_masks)
+    monkeypatch.setattr(_fast, "float_pair_masks", counting_masks)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(32, 8, generator=g, dtype=torch.float64)
     y = torch.arange(32) % 2
@@ -373,3 +376,91 @@ def test_triplet_loss_does_not_reuse_a_miners_work_on_changed_or_other_inputs() 
     assert mined._source.state_for(xs, xs, other, other, None, True, True) is None
     check(xs, other, mined)
     check(xs, y, mined, dm.TripletMarginLoss(0.3, normalize_embeddings=False).double())
+
+
+def test_float_pair_masks_are_the_bool_masks_for_any_labels() -> None:
+    """The 0/1 masks built by arithmetic on the labels equal the bool masks: negative and int32 labels, labels
+    float32 cannot hold (2²⁴ and 2²⁴ + 1 round to one float), with references, an ignore_mask and mined pairs."""
+    from deepmetric.losses import _fast
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(0, 4, (12,), generator=g)
+    ref_base = torch.randint(0, 4, (9,), generator=g)
+    ignore = torch.rand(12, 9, generator=g) < 0.2
+    x = torch.randn(12, 5, generator=g)
+    mined = dmm.MultiSimilarityMiner(0.5)(x, base)
+    for shift, dtype in ((0, torch.float32), (-3, torch.float32), (1 << 24, torch.float32), (1 << 40, torch.float64),
+                         (1 << 60, torch.float64)):
+        labels, ref_labels = base + shift, ref_base + shift
+        for lab in (labels, labels.int()) if abs(shift) < 1 << 30 else (labels,):
+            pos, neg = _fast.float_pair_masks(lab, lab, None, True, dtype)
+            bpos, bneg = _fast.masks(lab, lab, None, True)
+            assert pos.dtype == dtype and torch.equal(pos.bool(), bpos) and torch.equal(neg.bool(), bneg), shift
+            pos, neg = _fast.float_pair_masks(lab, ref_labels, ignore, False, dtype)
+            bpos, bneg = _fast.masks(lab, ref_labels, ignore, False)
+            assert torch.equal(pos.bool(), bpos) and torch.equal(neg.bool(), bneg), shift
+            pos, neg = _fast.float_pair_masks(lab, lab, None, True, dtype, mined)
+            bpos, bneg = _fast.masks(lab, lab, None, True, mined)
+            assert torch.equal(pos.bool(), bpos) and torch.equal(neg.bool(), bneg), shift
+
+
+def _pair_value_and_grad(loss, x, y, mined, fast: bool, **kw):
+    loss.fast = fast
+    v = loss(x, y, mined=mined, **kw)
+    (g,) = torch.autograd.grad(v, x)
+    return v.detach(), g
+
+
+@pytest.mark.parametrize("spec", ["contrastive", "contrastive_similarity", "contrastive_similarity_hinge_mean",
+                                  "contrastive_sum"])
+def test_contrastive_on_the_ms_miners_own_pairs_reuses_its_similarity(spec: str) -> None:
+    """MS-mined pairs on the very tensors mined on: the loss takes the miner's normalisation, similarity matrix
+    and masks (reuse asserted), leaves the shared similarity untouched, and equals the reference path."""
+    x, y, xr, yr, g = _batch(13, 24, 30, 8, 5)
+    ignore = torch.rand(24, 30, generator=g) < 0.1
+    loss = SPECS[spec]().double()
+    for kw in ({}, {"ignore_mask": ignore[:, :24]}, {"ref_embeddings": xr, "ref_labels": yr, "ignore_mask": ignore}):
+        xs = x.clone().requires_grad_(True)
+        mined = dmm.MultiSimilarityMiner(0.3)(xs, y, kw.get("ref_embeddings"), kw.get("ref_labels"),
+                                              kw.get("ignore_mask"))
+        source = mined._source
+        assert source is not None and source.similarity is not None
+        assert source.state_for(xs, kw.get("ref_embeddings", xs), y, kw.get("ref_labels", y), kw.get("ignore_mask"),
+                                "ref_labels" not in kw, True, mined.tensors()) is not None
+        shared = source.similarity.clone()
+        v1, g1 = _pair_value_and_grad(loss, xs, y, mined, True, **kw)
+        assert torch.equal(source.similarity, shared)
+        plain = MinedPairs(mined.positive, mined.negative)
+        v0, g0 = _pair_value_and_grad(loss, xs, y, plain, False, **kw)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-7, atol=1e-10)
+
+
+def test_contrastive_does_not_reuse_ms_pairs_changed_after_mining() -> None:
+    """Mined masks changed in place (an invalid pair added), a copy of the masks under the same source, or
+    embeddings changed in place: the miner's work is not reused and invalid pairs are dropped as usual."""
+    x, y, _, _, g = _batch(17, 20, 20, 8, 4)
+    loss = dm.ContrastiveLoss(neg_margin=1.6).double()
+
+    def check(xs, mined):
+        v1, g1 = _pair_value_and_grad(loss, xs, y, mined, True)
+        v0, g0 = _pair_value_and_grad(loss, xs, y, MinedPairs(mined.positive, mined.negative), False)
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-7, atol=1e-10)
+
+    xs = x.clone().requires_grad_(True)
+    mined = dmm.MultiSimilarityMiner(1.0)(xs, y)
+    other = int((y != y[0]).nonzero()[0])
+    mined.positive[0, other] = True  # a different-label "positive"
+    mined.positive[1, 1] = True  # a self-pair
+    assert mined._source.state_for(xs, xs, y, y, None, True, True, mined.tensors()) is None
+    check(xs, mined)
+
+    mined = dmm.MultiSimilarityMiner(1.0)(xs, y)
+    copy = MinedPairs(mined.positive.clone(), mined.negative, _source=mined._source)
+    assert mined._source.state_for(xs, xs, y, y, None, True, True, copy.tensors()) is None
+    check(xs, copy)
+
+    mined = dmm.MultiSimilarityMiner(1.0)(xs, y)
+    with torch.no_grad():
+        xs.add_(torch.randn(20, 8, generator=g, dtype=torch.float64))
+    assert mined._source.state_for(xs, xs, y, y, None, True, True, mined.tensors()) is None
+    check(xs, mined)

@@ -168,6 +168,11 @@ def _backward(ctx, st: PairState, go: Tensor):
             gr = st.nr.backward(torch.mm((G * st.nx.inv).t(), st.nx.xf), go)
         return gx, gr, None
     if st.same:
+        if st.symmetric:  # (G + Gᵀ)·x̂ = 2·G·x̂: the 2 goes into the backward's scale
+            gxn = torch.mm(G, st.nx.xn)
+            if st.dx is not None:
+                gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), st.nx.xn, value=0.5)
+            return st.nx.backward(gxn, go * 2.0), None, None
         Gs = G.t().contiguous().add_(G)  # faster than G + G.t() (strided add)
         gxn = torch.mm(Gs, st.nx.xn)
         if st.dx is not None:
@@ -196,7 +201,10 @@ def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: T
     if st.same:
         # one product with G + Gᵀ instead of two; a dense G is summed with its transpose first (two passes over
         # B×R), whose to_sparse() comes out coalesced, cheaper than coalescing the concatenated pair lists
-        if G.is_sparse:
+        half = st.symmetric and not G.is_sparse
+        if half:  # (G + Gᵀ)·x̂ = 2·G·x̂
+            sym = G.to_sparse()
+        elif G.is_sparse:
             idx, val = G._indices(), G._values()
             sym = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), G.shape,
                                           check_invariants=False).coalesce()
@@ -204,8 +212,8 @@ def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: T
             sym = G.t().contiguous().add_(G).to_sparse()
         gxn = torch.sparse.mm(sym, xn)
         if st.dx is not None:
-            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn)
-        return st.nx.backward(gxn, go), None, None
+            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn, value=0.5 if half else 1.0)
+        return st.nx.backward(gxn, go * 2.0 if half else go), None, None
     co = (G if G.is_sparse else G.to_sparse()).coalesce()
     if need_x:
         gxn = torch.sparse.mm(co, rn)
@@ -223,10 +231,11 @@ def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: T
 class PairState:
     """``dx``/``dr``: optional per-row factors d such that ∂L/∂x̂_i gets d_i·x̂_i (the ‖x̂‖² terms of a distance
     matrix on unnormalised rows; on normalised rows the projection removes them). ``direct``: ``G`` is the pair
-    (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S. ``nnz``: optional bound on the non-zeros of G; a sparse G (hinge losses,
+    (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S. ``symmetric``: under a self comparison G equals Gᵀ (up to the rounding of
+    the similarity GEMM, whose two triangles may differ in the last bit), so G + Gᵀ is formed as 2G. ``nnz``: optional bound on the non-zeros of G; a sparse G (hinge losses,
 mined pairs) is back-propagated by sparse×dense products in O(nnz·d) instead of the B×R×d GEMM."""
 
-    __slots__ = ("G", "direct", "dr", "dx", "fold", "grad", "nnz", "nr", "nx", "same", "value")
+    __slots__ = ("G", "direct", "dr", "dx", "fold", "grad", "nnz", "nr", "nx", "same", "symmetric", "value")
 
     def __init__(self, nx: Normalized, nr: Normalized, same: bool, fold: bool = False) -> None:
         self.fold = fold
@@ -238,6 +247,7 @@ mined pairs) is back-propagated by sparse×dense products in O(nnz·d) instead o
         self.dr: Tensor | None = None
         self.direct = False
         self.nnz: int | None = None  # an upper bound of the non-zeros of G, when the loss knows one
+        self.symmetric = False  # G = Gᵀ (self comparison, symmetric masks): the backward uses 2G for G + Gᵀ
 
 
 def prepare(x: Tensor, r: Tensor, normalize: bool = True, fold_norms: bool = False) -> PairState:
@@ -277,12 +287,14 @@ def finish_direct(st: PairState, value: Tensor, gxn: Tensor, grn: Tensor) -> Ten
     return finish(st, value, (gxn, grn))
 
 
-def distance(st: PairState, squared: bool) -> Tensor:
+def distance(st: PairState, squared: bool, sim: Tensor | None = None) -> Tensor:
     """D_ij = ‖x̂_i − r̂_j‖ as :func:`deepmetric.functional.euclidean_distance_matrix` (GEMM expansion, clamped
-    at 0, √(·+eps)), or its square."""
+    at 0, √(·+eps)), or its square. ``sim``: S = x̂ r̂ᵀ already computed (a miner's; only read)."""
     nx = st.nx.sqnorm()
     nr = nx if st.same else st.nr.sqnorm()
-    if st.fold:
+    if sim is not None:
+        d = torch.add(nx.unsqueeze(1), sim, alpha=-2.0).add_(nr).clamp_min_(0.0)
+    elif st.fold:
         d = similarity(st).mul_(-2.0).add_(nx.unsqueeze(1)).add_(nr).clamp_min_(0.0)
     else:
         d = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr).clamp_min_(0.0)
@@ -369,43 +381,109 @@ def masks(
     return pos, neg
 
 
-class MiningSource:
-    """What a built-in miner knew when it returned its triplets, so that a lean loss called on the same inputs
-    neither normalises them again nor re-validates the triplets (valid by construction for those inputs).
+# Comparisons that write bool are several times slower on CPU than an arithmetic pass of the same size (≈ 45 µs
+# against ≈ 8 µs at 180 × 180): masks that only feed arithmetic are built as 0/1 floats by arithmetic instead.
+_EXACT_INTEGERS = {torch.float32: 1 << 24, torch.float64: 1 << 53}
 
-    The miner creates it with its :class:`PairState` (``every_row``: the anchors are exactly 0..B−1 in order);
-    ``Miner.forward`` then binds it (:meth:`bind`) to the tensors mined on. The source holds those tensors, so their
+
+def _exact_labels(labels: Tensor, dtype: torch.dtype) -> bool:
+    """Integer labels that ``dtype`` holds exactly (CPU only: the range check reads the values)."""
+    if labels.device.type != "cpu" or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return False
+    limit = _EXACT_INTEGERS.get(dtype)
+    if limit is None or labels.numel() == 0:
+        return False
+    lo, hi = labels.aminmax()
+    return -limit <= int(lo) and int(hi) <= limit
+
+
+def float_pair_masks(
+    labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool, dtype: torch.dtype,
+    mined: Mined | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(P, N): the positive pairs (same label, the diagonal dropped under self comparison) and the negative pairs
+    (other label) as B×R 0/1 matrices in ``dtype``, ignored pairs removed, intersected with mined pairs when
+    given. Same pairs as :func:`masks`."""
+    if _exact_labels(labels, dtype) and (ref_labels is labels or _exact_labels(ref_labels, dtype)):
+        a = labels.to(dtype)
+        b = a if ref_labels is labels else ref_labels.to(dtype)
+        # distinct integers differ by ≥ 1 (also after rounding to dtype): |a − b| clamped at 1 is [a ≠ b]
+        neg = torch.sub(a.unsqueeze(1), b).abs_().clamp_(max=1.0)
+    else:
+        neg = fm(labels.unsqueeze(1) != ref_labels.to(labels.device).unsqueeze(0), dtype)
+    pos = torch.rsub(neg, 1.0)
+    if self_cmp:
+        pos.fill_diagonal_(0.0)
+    if ignore_mask is not None:
+        keep = fm(~ignore_mask.to(pos.device), dtype)
+        pos.mul_(keep)
+        neg.mul_(keep)
+    if mined is not None:
+        mpos, mneg = mined.to_masks((labels.shape[0], ref_labels.shape[0]))
+        pos.mul_(fm(mpos.to(pos.device), dtype))
+        neg.mul_(fm(mneg.to(neg.device), dtype))
+    return pos, neg
+
+
+def positive_part_indicator(t: Tensor) -> Tensor:
+    """[t > 0] as 0/1 in t's dtype, in place: ⌈clamp(t, 0, 1)⌉ (two arithmetic passes, no bool)."""
+    return t.clamp_(0.0, 1.0).ceil_()
+
+
+def count_ones(t: Tensor) -> int:
+    """The number of ones in a 0/1 float tensor (summed in float64 where float32 would lose integers)."""
+    if t.dtype == torch.float32 and t.numel() >= 1 << 24:
+        return int(t.sum(dtype=torch.float64))
+    return int(t.sum())
+
+
+class MiningSource:
+    """What a built-in miner knew when it returned its tuples, so that a lean loss called on the same inputs
+    neither normalises them again nor re-validates the tuples (valid by construction for those inputs).
+
+    The miner creates it with its :class:`PairState` (``every_row``: the anchors are exactly 0..B−1 in order;
+    ``similarity``: the B×R matrix S = x̂ r̂ᵀ it mined on, when it formed one); ``Miner.forward`` then binds it
+    (:meth:`bind`) to the tensors mined on and to the tensors it returned. The source holds those tensors, so their
     storage cannot be freed and reused while it lives, and their version counters as they were: an in-place
-    change of the embeddings, labels or ignore_mask between mining and the loss makes :meth:`state_for` refuse,
-    and the loss takes its ordinary path.
+    change of the embeddings, labels, ignore_mask or of the returned tuples between mining and the loss makes
+    :meth:`state_for` refuse, and the loss takes its ordinary path. ``similarity`` is shared, never written to.
     """
 
-    __slots__ = ("every_row", "inputs", "normalize", "self_cmp", "state", "versions")
+    __slots__ = ("every_row", "inputs", "normalize", "outputs", "self_cmp", "similarity", "state", "versions")
 
-    def __init__(self, state: PairState, normalize: bool, every_row: bool) -> None:
+    def __init__(
+        self, state: PairState, normalize: bool, every_row: bool, similarity: Tensor | None = None,
+    ) -> None:
         self.state, self.normalize, self.every_row = state, normalize, every_row
+        self.similarity = similarity
         self.inputs: tuple | None = None
+        self.outputs: tuple = ()
         self.versions: tuple = ()
         self.self_cmp = False
 
     def bind(
         self, x: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool,
+        outputs: tuple[Tensor, ...] = (),
     ) -> None:
-        inputs = (x, r, labels, ref_labels, ignore_mask)
+        inputs = (x, r, labels, ref_labels, ignore_mask, *outputs)
         if any(t is not None and t.is_inference() for t in inputs):
             return  # inference tensors have no version counter: never reused
-        self.inputs, self.self_cmp = inputs, self_cmp
+        self.inputs, self.outputs, self.self_cmp = inputs, outputs, self_cmp
         self.versions = tuple(None if t is None else t._version for t in inputs)
 
     def state_for(
         self, x: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool,
-        normalize: bool,
+        normalize: bool, outputs: tuple[Tensor, ...] | None = None,
     ) -> PairState | None:
         """A :class:`PairState` for a loss on (x, r) reusing the miner's normalisation, or None when the loss's
-        inputs are not the (unmodified) ones mined on."""
+        inputs are not the (unmodified) ones mined on. ``outputs``: the tuples the loss was given (default: the
+        ones the miner returned, checked for in-place changes)."""
         if self.inputs is None or self_cmp != self.self_cmp or normalize != self.normalize:
             return None
-        for given, held, version in zip((x, r, labels, ref_labels, ignore_mask), self.inputs, self.versions):
+        given_all = (x, r, labels, ref_labels, ignore_mask, *(self.outputs if outputs is None else outputs))
+        if len(given_all) != len(self.inputs):
+            return None
+        for given, held, version in zip(given_all, self.inputs, self.versions):
             if held is None or given is None:
                 if held is not given:
                     return None

@@ -31,10 +31,15 @@ from deepmetric.losses import _fast
 
 @dataclass(frozen=True)
 class MinedPairs:
-    """Dense pair selection: ``positive`` and ``negative`` are B×R bool masks (True = use this pair)."""
+    """Dense pair selection: ``positive`` and ``negative`` are B×R bool masks (True = use this pair).
+
+    ``_source``: set by the built-in miners, as for :class:`MinedTriplets`; a lean pair loss given the very inputs
+    mined on reuses the miner's normalisation and similarity matrix and takes the masks as valid.
+    """
 
     positive: Tensor
     negative: Tensor
+    _source: _fast.MiningSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.positive.shape != self.negative.shape or self.positive.dim() != 2:
@@ -46,6 +51,9 @@ class MinedPairs:
     def __repr__(self) -> str:
         return (f"MinedPairs(shape={tuple(self.positive.shape)}, positives={int(self.positive.sum())}, "
                 f"negatives={int(self.negative.sum())})")
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.positive, self.negative
 
     def to_masks(self, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
         if tuple(self.positive.shape) != tuple(shape):
@@ -76,6 +84,9 @@ class MinedTriplets:
 
     def __len__(self) -> int:
         return int(self.anchor.shape[0])
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.anchor, self.positive, self.negative
 
     def __repr__(self) -> str:
         return f"MinedTriplets(n={len(self)})"

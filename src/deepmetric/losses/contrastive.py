@@ -9,7 +9,7 @@ from torch import Tensor
 
 from deepmetric.functional import cosine_similarity_matrix, pairwise_distance, zero_loss
 from deepmetric.losses import _fast
-from deepmetric.losses.base import MetricLoss, Mined, pair_masks
+from deepmetric.losses.base import MetricLoss, Mined, MinedPairs, pair_masks
 
 PairReduction = Literal["avg_nonzero", "mean", "batch", "sum"]
 
@@ -121,41 +121,65 @@ class ContrastiveLoss(MetricLoss):
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
         dist = self.form == "distance"
-        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings or not dist)
+        normalize = self.normalize_embeddings or not dist
+        st = sim = None
+        source = mined._source if type(mined) is MinedPairs else None
+        if source is not None:  # pairs a miner returned for these very inputs: its normalisation and S
+            st = source.state_for(embeddings, ref_embeddings, labels, ref_labels, ignore_mask, self_cmp, normalize,
+                                  mined.tensors())
+            sim = None if st is None else source.similarity
+        if st is None:
+            st = _fast.prepare(embeddings, ref_embeddings, normalize)
         if (mined is None and not (self.reduction == "mean" and ignore_mask is not None)
                 and labels.shape[0] * ref_labels.shape[0] >= _fast.PAIR_LIST_MIN_GRID):
             out = self._from_pair_lists(st, labels, ref_labels, ignore_mask, self_cmp)
             if out is not None:
                 return out
         with torch.no_grad():
-            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+            dtype = st.nx.xf.dtype
+            if sim is not None:  # valid by construction (the miner intersected them with the label masks)
+                pos, neg = _fast.fm(mined.positive, dtype), _fast.fm(mined.negative, dtype)
+            else:
+                pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, dtype, mined)
             n_pos = n_neg = 0
             if self.reduction == "mean":
-                n_pos, n_neg = _fast.count(pos), _fast.count(neg)
+                n_pos, n_neg = _fast.count_ones(pos), _fast.count_ones(neg)
                 if n_pos == 0 and n_neg == 0:
                     return _fast.zero(st)
-            m = _fast.distance(st, squared=False) if dist else _fast.similarity(st)
-            if dist and self.pos_margin <= 0.0:
-                # D ≥ √eps > 0 ≥ m⁺: every positive pair is inside its hinge (PML's default m⁺ = 0)
-                pa, na = pos, neg.logical_and_(m < self.neg_margin)
+            if dist:
+                m = _fast.distance(st, squared=False, sim=sim)
             else:
-                act_p, act_n = self._inside_hinges(m, m)
-                pa, na = pos.logical_and_(act_p), neg.logical_and_(act_n)
-            npa, nna = _fast.count(pa), _fast.count(na)
+                m = _fast.similarity(st) if sim is None else sim  # only read below
+            # Active pairs (hinge > 0) as 0/1 matrices; D ≥ √eps > 0 ≥ m⁺ makes every positive pair active
+            # for PML's default m⁺ = 0.
+            hinge_p, hinge_n = self._hinges(m)
+            pa = pos if hinge_p is None else _fast.positive_part_indicator(hinge_p).mul_(pos)
+            na = _fast.positive_part_indicator(hinge_n).mul_(neg)
+            npa, nna = _fast.count_ones(pa), _fast.count_ones(na)
             # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
-            cnt_n = _fast.count(na & (m > 0)) if self._negatives_counted_by_sign else nna
+            cnt_n = nna
+            if self._negatives_counted_by_sign:
+                cnt_n = _fast.count_ones(_fast.positive_part_indicator(m.clone()).mul_(na))
             cp, cn = self._divisors(npa, cnt_n, n_pos, n_neg, embeddings.shape[0])
             sign, const_p, const_n = self._linear_terms()
-            # ∂L/∂m: +sign/c⁺ on active positives, −sign/c⁻ on active negatives (disjoint masks, uint8 views:
-            # much faster than nested where() on irregular bool masks).
-            G = _fast.fm(pa, m.dtype).mul_(sign / cp).sub_(_fast.u8(na), alpha=sign / cn)
+            # ∂L/∂m: +sign/c⁺ on active positives, −sign/c⁻ on active negatives (disjoint)
+            G = (pa.mul(sign / cp) if pa is pos else pa.mul_(sign / cp)).sub_(na, alpha=sign / cn)
             value = torch.dot(G.view(-1), m.view(-1))
             if const_p or const_n:
                 value = value + (const_p * npa / cp + const_n * nna / cn)
             st.nnz = npa + nna
+            # all pairs of the batch with symmetric masks: G = Gᵀ
+            st.symmetric = self_cmp and ignore_mask is None and mined is None
             if dist:
                 G = _fast.distance_grad(st, G, m, squared=False)
         return _fast.finish(st, value, G)
+
+    def _hinges(self, m: Tensor) -> tuple[Tensor | None, Tensor]:
+        """New B×R matrices whose positive entries are the active positive / negative pairs' hinges (None for
+        the positives when all of them are active: the distance form with m⁺ ≤ 0)."""
+        if self.form == "distance":
+            return (None if self.pos_margin <= 0.0 else torch.sub(m, self.pos_margin)), torch.rsub(m, self.neg_margin)
+        return torch.rsub(m, self.pos_margin), torch.sub(m, self.neg_margin)
 
     def _inside_hinges(self, m_pos: Tensor, m_neg: Tensor) -> tuple[Tensor, Tensor]:
         """Which positive / negative entries (matrix or gathered values of D or S) have a non-zero hinge."""

@@ -153,7 +153,7 @@ class TripletMarginLoss(MetricLoss):
         miner returned for these very inputs are used as they are, on the miner's normalisation."""
         source = mined._source
         st = None if source is None else source.state_for(
-            x, r, labels, ref_labels, ignore_mask, self_cmp, self.normalize_embeddings)
+            x, r, labels, ref_labels, ignore_mask, self_cmp, self.normalize_embeddings, mined.tensors())
         if st is not None:
             a, p, n, every_row = mined.anchor, mined.positive, mined.negative, source.every_row
         else:

@@ -52,7 +52,7 @@ class Miner(nn.Module):
             mined = self._mine_labels(x, r, labels, ref_l, ignore, self_cmp)
         source = getattr(mined, "_source", None)
         if source is not None:
-            source.bind(x, r, labels, ref_l, ignore, self_cmp)
+            source.bind(x, r, labels, ref_l, ignore, self_cmp, mined.tensors())
         return mined
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> Mined:

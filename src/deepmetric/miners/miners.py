@@ -46,9 +46,10 @@ class MultiSimilarityMiner(Miner):
         self.epsilon = float(epsilon)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedPairs:
-        s = _fast.similarity(_fast.prepare(embeddings, ref_embeddings))
+        st = _fast.prepare(embeddings, ref_embeddings)
+        s = _fast.similarity(st)
         p, n = fast_ms_selection(s, pos, neg, self.epsilon)  # pos/neg are this call's own masks
-        return MinedPairs(p, n)
+        return MinedPairs(p, n, _source=_fast.MiningSource(st, True, False, similarity=s))
 
 
 class BatchHardMiner(Miner):

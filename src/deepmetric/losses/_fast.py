@@ -232,8 +232,9 @@ class PairState:
     """``dx``/``dr``: optional per-row factors d such that ∂L/∂x̂_i gets d_i·x̂_i (the ‖x̂‖² terms of a distance
     matrix on unnormalised rows; on normalised rows the projection removes them). ``direct``: ``G`` is the pair
     (∂L/∂x̂, ∂L/∂r̂) instead of ∂L/∂S. ``symmetric``: under a self comparison G equals Gᵀ (up to the rounding of
-    the similarity GEMM, whose two triangles may differ in the last bit), so G + Gᵀ is formed as 2G. ``nnz``: optional bound on the non-zeros of G; a sparse G (hinge losses,
-mined pairs) is back-propagated by sparse×dense products in O(nnz·d) instead of the B×R×d GEMM."""
+    the similarity GEMM, whose two triangles may differ in the last bit), so G + Gᵀ is formed as 2G. ``nnz``:
+    optional bound on the non-zeros of G; a sparse G (hinge losses, mined pairs) is back-propagated by
+    sparse×dense products in O(nnz·d) instead of the B×R×d GEMM."""
 
     __slots__ = ("G", "direct", "dr", "dx", "fold", "grad", "nnz", "nr", "nx", "same", "symmetric", "value")
 

@@ -13,6 +13,7 @@ SPECS = {
     "ms": lambda: dm.MultiSimilarityLoss(),
     "ms_no_mining": lambda: dm.MultiSimilarityLoss(mining=False),
     "ms_contributing": lambda: dm.MultiSimilarityLoss(reduction="contributing"),
+    "ms_no_mining_contributing": lambda: dm.MultiSimilarityLoss(mining=False, reduction="contributing"),
     "ms_large_beta_stable_path": lambda: dm.MultiSimilarityLoss(beta=200.0, mining=False),
     "weight": lambda: dm.WeightLoss(),
     "contrastive": lambda: dm.ContrastiveLoss(),

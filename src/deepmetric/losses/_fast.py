@@ -519,13 +519,14 @@ def valid_triplets(
 
 def log1p_sum_exp(a: Tensor, mask: Tensor, bound: float, scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
     """Per row: v = log(1 + Σ_{mask} e^{a}) and W = ∂v/∂a (zero off ``mask``). ``a`` is consumed (in place).
+    ``mask``: bool, or 0/1 in a's dtype when ``bound`` is below the safe exponent.
 
     ``bound`` is an upper bound of |a| over the whole matrix (e.g. α·(1+|λ|) on cosines); below the dtype's
     safe exponent the max-subtraction pass is skipped, otherwise the row max (≥ 0, for the implicit e⁰ term)
     is subtracted first. ``scale`` (scalar or B×1) multiplies W (folded into the normalisation pass).
     """
     if bound < EXP_SAFE.get(a.dtype, 0.0):
-        e = a.exp_().mul_(u8(mask))
+        e = a.exp_().mul_(mask if mask.is_floating_point() else u8(mask))
         s = e.sum(1, keepdim=True)
         v = torch.log1p(s)
         return v.squeeze(1), e.mul_(s.add_(1.0).reciprocal_().mul_(scale))

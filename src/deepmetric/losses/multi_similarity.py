@@ -126,25 +126,34 @@ class MultiSimilarityLoss(MetricLoss):
         ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
     ) -> Tensor:
         st = _fast.prepare(embeddings, ref_embeddings)
+        pos_scale, neg_scale, factor = self._scales()
+        base = self.base
+        bound_p, bound_n = pos_scale * (1.0 + abs(base)), neg_scale * (1.0 + abs(base))
         with torch.no_grad():
             sim = _fast.similarity(st)
-            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-            if self.mining:
-                pos, neg = fast_ms_selection(sim, pos, neg, self.epsilon)
-                contributing = _fast.row_any(pos) & _fast.row_any(neg)
-                st.nnz = _fast.count(pos) + _fast.count(neg)  # G is zero outside the mined pairs
+            safe = max(bound_p, bound_n) < _fast.EXP_SAFE.get(sim.dtype, 0.0)
+            if not self.mining and safe:
+                # 0/1 float masks (no bool pass); every anchor has a pair unless pairs are ignored or mined
+                pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, sim.dtype, mined)
+                if ignore_mask is None and mined is None and ref_labels.shape[0] > (1 if self_cmp else 0):
+                    contributing = None
+                else:
+                    contributing = torch.add(pos, neg).amax(1) > 0
             else:
-                contributing = _fast.row_any(pos) | _fast.row_any(neg)
-            n_contrib = int(contributing.sum())
+                pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
+                if self.mining:
+                    pos, neg = fast_ms_selection(sim, pos, neg, self.epsilon)
+                    contributing = _fast.row_any(pos) & _fast.row_any(neg)
+                    st.nnz = _fast.count(pos) + _fast.count(neg)  # G is zero outside the mined pairs
+                else:
+                    contributing = _fast.row_any(pos) | _fast.row_any(neg)
+            n_contrib = labels.shape[0] if contributing is None else int(contributing.sum())
             if n_contrib == 0:
                 return _fast.zero(st)
-            pos_scale, neg_scale, factor = self._scales()
-            base = self.base
-            bound_p, bound_n = pos_scale * (1.0 + abs(base)), neg_scale * (1.0 + abs(base))
             # The terms are log(1 + Σ e^{a}) with a = ∓scale·(S − λ); ∂L/∂S = W_neg − W_pos.
-            denom = contributing.shape[0] if self.reduction == "batch" else n_contrib
-            row = contributing.to(sim.dtype).mul_(factor / denom)
-            rowed = self.mining and n_contrib < contributing.shape[0]
+            denom = labels.shape[0] if self.reduction == "batch" else n_contrib
+            rowed = self.mining and n_contrib < labels.shape[0]
+            row = contributing.to(sim.dtype).mul_(factor / denom) if rowed else None
             k = row.unsqueeze(1) if rowed else factor / denom  # folded into W's normalisation
             # a = ∓scale·(S − λ) in one pass each (the second in place)
             a_p = torch.add(sim.new_tensor(pos_scale * base), sim, alpha=-pos_scale)

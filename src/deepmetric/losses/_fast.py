@@ -168,16 +168,11 @@ def _backward(ctx, st: PairState, go: Tensor):
             gr = st.nr.backward(torch.mm((G * st.nx.inv).t(), st.nx.xf), go)
         return gx, gr, None
     if st.same:
-        if st.symmetric:  # (G + Gᵀ)·x̂ = 2·G·x̂: the 2 goes into the backward's scale
-            gxn = torch.mm(G, st.nx.xn)
-            if st.dx is not None:
-                gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), st.nx.xn, value=0.5)
-            return st.nx.backward(gxn, go * 2.0), None, None
-        Gs = G.t().contiguous().add_(G)  # faster than G + G.t() (strided add)
+        Gs, k = _plus_transpose(st, G)
         gxn = torch.mm(Gs, st.nx.xn)
         if st.dx is not None:
-            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), st.nx.xn)
-        return st.nx.backward(gxn, go), None, None
+            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), st.nx.xn, value=1.0 / k)
+        return st.nx.backward(gxn, go * k), None, None
     if need_x:
         gxn = torch.mm(G, st.nr.xn)
         if st.dx is not None:
@@ -191,6 +186,14 @@ def _backward(ctx, st: PairState, go: Tensor):
     return gx, gr, None
 
 
+def _plus_transpose(st: PairState, G: Tensor) -> tuple[Tensor, float]:
+    """G + Gᵀ of a dense self-comparison G as (M, k) with G + Gᵀ = k·M: (G, 2) when G is symmetric (no pass),
+    else (Gᵀ.contiguous() + G, 1) — faster than G + G.t(), a strided add."""
+    if st.symmetric:
+        return G, 2.0
+    return G.t().contiguous().add_(G), 1.0
+
+
 SPARSE_FRACTION = 16  # backward through sparse×dense products instead of the GEMM when nnz(G) < B·R / 16
 
 
@@ -200,20 +203,19 @@ def _sparse_backward(st: PairState, G: Tensor, need_x: bool, need_r: bool, go: T
     gx = gr = None
     if st.same:
         # one product with G + Gᵀ instead of two; a dense G is summed with its transpose first (two passes over
-        # B×R), whose to_sparse() comes out coalesced, cheaper than coalescing the concatenated pair lists
-        half = st.symmetric and not G.is_sparse
-        if half:  # (G + Gᵀ)·x̂ = 2·G·x̂
-            sym = G.to_sparse()
-        elif G.is_sparse:
+        # B×R, none when symmetric), whose to_sparse() comes out coalesced, cheaper than coalescing the
+        # concatenated pair lists
+        if G.is_sparse:
             idx, val = G._indices(), G._values()
-            sym = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), G.shape,
-                                          check_invariants=False).coalesce()
+            sym, k = torch.sparse_coo_tensor(torch.cat((idx, idx.flip(0)), 1), torch.cat((val, val)), G.shape,
+                                             check_invariants=False).coalesce(), 1.0
         else:
-            sym = G.t().contiguous().add_(G).to_sparse()
+            Gs, k = _plus_transpose(st, G)
+            sym = Gs.to_sparse()
         gxn = torch.sparse.mm(sym, xn)
         if st.dx is not None:
-            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn, value=0.5 if half else 1.0)
-        return st.nx.backward(gxn, go * 2.0 if half else go), None, None
+            gxn.addcmul_(st.dx.unsqueeze(1) + st.dr.unsqueeze(1), xn, value=1.0 / k)
+        return st.nx.backward(gxn, go * k), None, None
     co = (G if G.is_sparse else G.to_sparse()).coalesce()
     if need_x:
         gxn = torch.sparse.mm(co, rn)
@@ -450,15 +452,14 @@ class MiningSource:
     :meth:`state_for` refuse, and the loss takes its ordinary path. ``similarity`` is shared, never written to.
     """
 
-    __slots__ = ("every_row", "inputs", "normalize", "outputs", "self_cmp", "similarity", "state", "versions")
+    __slots__ = ("every_row", "inputs", "normalize", "self_cmp", "similarity", "state", "versions")
 
     def __init__(
         self, state: PairState, normalize: bool, every_row: bool, similarity: Tensor | None = None,
     ) -> None:
         self.state, self.normalize, self.every_row = state, normalize, every_row
         self.similarity = similarity
-        self.inputs: tuple | None = None
-        self.outputs: tuple = ()
+        self.inputs: tuple | None = None  # (x, r, labels, ref_labels, ignore_mask, *returned tuples)
         self.versions: tuple = ()
         self.self_cmp = False
 
@@ -469,7 +470,7 @@ class MiningSource:
         inputs = (x, r, labels, ref_labels, ignore_mask, *outputs)
         if any(t is not None and t.is_inference() for t in inputs):
             return  # inference tensors have no version counter: never reused
-        self.inputs, self.outputs, self.self_cmp = inputs, outputs, self_cmp
+        self.inputs, self.self_cmp = inputs, self_cmp
         self.versions = tuple(None if t is None else t._version for t in inputs)
 
     def state_for(
@@ -481,7 +482,7 @@ class MiningSource:
         ones the miner returned, checked for in-place changes)."""
         if self.inputs is None or self_cmp != self.self_cmp or normalize != self.normalize:
             return None
-        given_all = (x, r, labels, ref_labels, ignore_mask, *(self.outputs if outputs is None else outputs))
+        given_all = (x, r, labels, ref_labels, ignore_mask, *(self.inputs[5:] if outputs is None else outputs))
         if len(given_all) != len(self.inputs):
             return None
         for given, held, version in zip(given_all, self.inputs, self.versions):

@@ -152,9 +152,9 @@ class ContrastiveLoss(MetricLoss):
                 m = _fast.similarity(st) if sim is None else sim  # only read below
             # Active pairs (hinge > 0) as 0/1 matrices; D ≥ √eps > 0 ≥ m⁺ makes every positive pair active
             # for PML's default m⁺ = 0.
-            hinge_p, hinge_n = self._hinges(m)
-            pa = pos if hinge_p is None else _fast.positive_part_indicator(hinge_p).mul_(pos)
-            na = _fast.positive_part_indicator(hinge_n).mul_(neg)
+            all_pos_active = dist and self.pos_margin <= 0.0
+            pa = pos if all_pos_active else _fast.positive_part_indicator(self._positive_hinge(m)).mul_(pos)
+            na = _fast.positive_part_indicator(self._negative_hinge(m)).mul_(neg)
             npa, nna = _fast.count_ones(pa), _fast.count_ones(na)
             # S·[S > m⁻] ≤ 0 for m⁻ < S ≤ 0 is not a non-zero loss
             cnt_n = nna
@@ -174,18 +174,18 @@ class ContrastiveLoss(MetricLoss):
                 G = _fast.distance_grad(st, G, m, squared=False)
         return _fast.finish(st, value, G)
 
-    def _hinges(self, m: Tensor) -> tuple[Tensor | None, Tensor]:
-        """New B×R matrices whose positive entries are the active positive / negative pairs' hinges (None for
-        the positives when all of them are active: the distance form with m⁺ ≤ 0)."""
-        if self.form == "distance":
-            return (None if self.pos_margin <= 0.0 else torch.sub(m, self.pos_margin)), torch.rsub(m, self.neg_margin)
-        return torch.rsub(m, self.pos_margin), torch.sub(m, self.neg_margin)
+    def _positive_hinge(self, m: Tensor) -> Tensor:
+        """The positive pairs' hinge argument (a new tensor; > 0 exactly where the pair is active): D − m⁺ or
+        m⁺ − S, for a matrix or gathered values."""
+        return torch.sub(m, self.pos_margin) if self.form == "distance" else torch.rsub(m, self.pos_margin)
+
+    def _negative_hinge(self, m: Tensor) -> Tensor:
+        """The negative pairs' hinge argument: m⁻ − D or S − m⁻ (both negative terms share the active set)."""
+        return torch.rsub(m, self.neg_margin) if self.form == "distance" else torch.sub(m, self.neg_margin)
 
     def _inside_hinges(self, m_pos: Tensor, m_neg: Tensor) -> tuple[Tensor, Tensor]:
         """Which positive / negative entries (matrix or gathered values of D or S) have a non-zero hinge."""
-        if self.form == "distance":
-            return m_pos > self.pos_margin, m_neg < self.neg_margin
-        return m_pos < self.pos_margin, m_neg > self.neg_margin
+        return self._positive_hinge(m_pos) > 0, self._negative_hinge(m_neg) > 0
 
     def _linear_terms(self) -> tuple[float, float, float]:
         """(sign, c⁺, c⁻): an active positive contributes sign·m + c⁺, an active negative −sign·m + c⁻.

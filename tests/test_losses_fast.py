@@ -7,6 +7,7 @@ import torch
 
 from deepmetric import losses as dm
 from deepmetric import miners as dmm
+from deepmetric.losses import _fast
 from deepmetric.losses.base import MinedPairs, MinedTriplets
 
 SPECS = {
@@ -103,6 +104,62 @@ def test_fast_path_matches_reference(spec: str) -> None:
                   {"mined": dmm.SemiHardMiner(seed=0, positives="all")(x, y)}]
     for kw in cases:
         _assert_fast_matches_reference(loss, x, y, kw, spec)
+
+
+@pytest.mark.parametrize("b", [2, 3, 25, 256, 301])
+def test_self_gram_is_the_gram_matrix(b: int) -> None:
+    g = torch.Generator().manual_seed(b)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(b, 40, generator=g, dtype=dtype)
+        for split_from in (2, _fast.GRAM_SPLIT_MIN_ROWS):
+            old = _fast.GRAM_SPLIT_MIN_ROWS
+            _fast.GRAM_SPLIT_MIN_ROWS = split_from
+            try:
+                gram = _fast.self_gram(x)
+            finally:
+                _fast.GRAM_SPLIT_MIN_ROWS = old
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert torch.allclose(gram, x @ x.t(), rtol=tol, atol=tol), (b, dtype, split_from)
+            if b >= split_from:  # the off-diagonal blocks mirror each other exactly
+                h = b // 2
+                assert torch.equal(gram[h:, :h], gram[:h, h:].t())
+
+
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_fast_path_matches_reference_with_the_split_gram_matrix(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Self comparisons from ``GRAM_SPLIT_MIN_ROWS`` rows on form S from 3/4 of the products: force that path on a
+    small batch of odd size (unequal halves), for the losses and for the miners feeding them."""
+    monkeypatch.setattr(_fast, "GRAM_SPLIT_MIN_ROWS", 2)
+    x, y, _, _, g = _batch(13, 25, 30, 8, 6)
+    loss = SPECS[spec]().double()
+    cases = [{}, {"ignore_mask": torch.rand(25, 25, generator=g) < 0.1}]
+    if loss.accepts_mined:
+        cases += [{"mined": dmm.MultiSimilarityMiner()(x, y)}, {"mined": dmm.BatchHardMiner()(x, y)},
+                  {"mined": dmm.DistanceWeightedMiner(seed=0)(x, y)}]
+    for kw in cases:
+        _assert_fast_matches_reference(loss, x, y, kw, spec)
+
+
+@pytest.mark.parametrize("path", ["compare", "compare_in_blocks", "sort"])
+@pytest.mark.parametrize("spec", sorted(s for s in SPECS if s.startswith("triplet")))
+def test_all_triplets_by_comparison_and_by_sorting_match_reference(
+    spec: str, path: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both ways of summing the hinge over all triplets (positive pairs compared with their anchor's row; rows of
+    negatives sorted), forced either way, on few and many positives per anchor, singletons, references, ignored
+    and mined pairs."""
+    cls = dm.TripletMarginLoss
+    monkeypatch.setattr(cls, "_compare_max_positives_per_row", lambda self, r: -1.0 if path == "sort" else 1e9)
+    if path == "compare_in_blocks":  # blocks of B rows: several blocks per call
+        monkeypatch.setattr(cls, "_COMPARE_BLOCK_ENTRIES", 1)
+    for classes in (2, 6, 24):  # ~12, ~4 and ~1 rows per label
+        x, y, xr, yr, g = _batch(17 + classes, 24, 30, 8, classes)
+        loss = SPECS[spec]().double()
+        cases = [{}, {"ref": xr, "ref_labels": yr, "ignore_mask": torch.rand(24, 30, generator=g) < 0.1},
+                 {"ignore_mask": torch.rand(24, 24, generator=g) < 0.1},
+                 {"mined": dmm.MultiSimilarityMiner()(x, y)}]
+        for kw in cases:
+            _assert_fast_matches_reference(loss, x, y, kw, f"{spec} {path} {classes}")
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))

@@ -266,9 +266,39 @@ def prepare(x: Tensor, r: Tensor, normalize: bool = True, fold_norms: bool = Fal
     return PairState(nx, Normalized(r, normalize), False, fold=fold_norms and normalize)
 
 
+# From this many rows on (CPU), a self-comparison Gram matrix is formed from 3/4 of the products (self_gram).
+# Measured at d = 512 in the loss benchmark: 5–15% off the whole loss step at B = 1024; no gain at B = 180, where
+# the two extra calls cost about what the saved products do.
+GRAM_SPLIT_MIN_ROWS = 256
+
+
+def _gram_splits(x: Tensor) -> bool:
+    return x.shape[0] >= GRAM_SPLIT_MIN_ROWS and x.device.type == "cpu"
+
+
+def self_gram(x: Tensor) -> Tensor:
+    """x xᵀ of a B×d matrix. On CPU from ``GRAM_SPLIT_MIN_ROWS`` rows on, 3/4 of the products are computed: the
+    top half of the rows against every row, the bottom-right block, and the bottom-left block copied from the
+    transposed top-right one (torch has no SYRK; ~20% less GEMM time at B = 1024, d = 512). As with one GEMM,
+    the two triangles of the diagonal blocks may differ in the last bit. Otherwise one GEMM (on GPU the split is
+    unmeasured)."""
+    if not _gram_splits(x):
+        return torch.mm(x, x.t())
+    b = x.shape[0]
+    h = b // 2
+    out = x.new_empty(b, b)
+    torch.mm(x[:h], x.t(), out=out[:h])
+    bottom = x[h:]
+    torch.mm(bottom, bottom.t(), out=out[h:, h:])
+    out[h:, :h].copy_(out[:h, h:].t())
+    return out
+
+
 def similarity(st: PairState) -> Tensor:
     if st.fold:
         return torch.mm(st.nx.xf, st.nr.xf.t()).mul_(st.nx.inv).mul_(st.nr.inv.t())
+    if st.same:
+        return self_gram(st.nx.xn)
     return torch.mm(st.nx.xn, st.nr.xn.t())
 
 
@@ -290,17 +320,25 @@ def finish_direct(st: PairState, value: Tensor, gxn: Tensor, grn: Tensor) -> Ten
     return finish(st, value, (gxn, grn))
 
 
+def squared_distance_unclamped(st: PairState, sim: Tensor | None = None) -> Tensor:
+    """‖x̂_i‖² + ‖r̂_j‖² − 2 x̂_i·r̂_j by the GEMM expansion, before the clamp at 0 (a new tensor). ``sim``:
+    S = x̂ r̂ᵀ already computed (a miner's; only read). Every caller that compares D² with a threshold uses this
+    one function, so that the same pairs pass whichever path computes them."""
+    nx = st.nx.sqnorm()
+    nr = nx if st.same else st.nr.sqnorm()
+    if sim is None and st.same and _gram_splits(st.nx.xn):
+        sim = self_gram(st.nx.xn)  # 3/4 of the GEMM outweighs addmm's fused bias
+    if sim is not None:
+        return torch.add(nx.unsqueeze(1), sim, alpha=-2.0).add_(nr)
+    if st.fold:
+        return similarity(st).mul_(-2.0).add_(nx.unsqueeze(1)).add_(nr)
+    return torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr)
+
+
 def distance(st: PairState, squared: bool, sim: Tensor | None = None) -> Tensor:
     """D_ij = ‖x̂_i − r̂_j‖ as :func:`deepmetric.functional.euclidean_distance_matrix` (GEMM expansion, clamped
     at 0, √(·+eps)), or its square. ``sim``: S = x̂ r̂ᵀ already computed (a miner's; only read)."""
-    nx = st.nx.sqnorm()
-    nr = nx if st.same else st.nr.sqnorm()
-    if sim is not None:
-        d = torch.add(nx.unsqueeze(1), sim, alpha=-2.0).add_(nr).clamp_min_(0.0)
-    elif st.fold:
-        d = similarity(st).mul_(-2.0).add_(nx.unsqueeze(1)).add_(nr).clamp_min_(0.0)
-    else:
-        d = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr).clamp_min_(0.0)
+    d = squared_distance_unclamped(st, sim).clamp_min_(0.0)
     return d if squared else d.add_(DIST_EPS).sqrt_()
 
 

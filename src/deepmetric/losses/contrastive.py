@@ -228,10 +228,8 @@ class ContrastiveLoss(MetricLoss):
                 return None
             pr, pc = _fast.drop_ignored(*pairs, ignore_mask)
             if dist:
-                # D² before the clamp, exactly as _fast.distance computes it (the same ops on the same values)
-                nx = st.nx.sqnorm()
-                nr = nx if st.same else st.nr.sqnorm()
-                m = torch.addmm(nx.unsqueeze(1), st.nx.xn, st.nr.xn.t(), alpha=-2.0).add_(nr)
+                # D² before the clamp, as _fast.distance computes it (the same function on the same values)
+                m = _fast.squared_distance_unclamped(st)
                 cand = m < self.neg_margin ** 2 + self._CANDIDATE_SLACK if self.neg_margin > 0 else None
             else:
                 m = _fast.similarity(st)

@@ -281,6 +281,38 @@ def test_contrastive_pair_list_path_matches_reference(spec: str, monkeypatch: py
         _assert_fast_matches_reference(loss, x, y, kw, spec)
 
 
+@pytest.mark.parametrize("spec", ["ms_no_mining", "ms_no_mining_contributing", "weight_no_mining",
+                                  "lifted_generalized", "lifted_generalized_margins"])
+@pytest.mark.parametrize("classes", [6, 2])
+def test_positive_pair_list_paths_match_reference(spec: str, classes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MS without mining and generalized lifted (unit rows) on a large grid take their positive term from the list
+    of positive pairs (forced here on a small one, with any number of pairs allowed); with 2 classes the pairs are
+    more than B·R/16 and the dense masks are used. Ignored or mined pairs keep the dense path."""
+    monkeypatch.setattr(_fast, "PAIR_LIST_MIN_GRID", 0)
+    if classes == 6:
+        monkeypatch.setattr(_fast, "SPARSE_FRACTION", 1)
+    calls = []
+    real = _fast.same_label_pairs
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_fast, "same_label_pairs", counted)
+    x, y, xr, yr, g = _batch(29, 24, 30, 8, classes)
+    x[5] = x[4]  # an exact duplicate pair
+    extra = {"weight_no_mining": lambda: dm.WeightLoss(mining=False),
+             "lifted_generalized_margins": lambda: dm.LiftedStructureLoss(0.8, 0.2, variant="generalized")}
+    loss = extra.get(spec, SPECS.get(spec))().double()
+    for kw in [{}, {"ref": xr, "ref_labels": yr}, {"ignore_mask": torch.rand(24, 24, generator=g) < 0.2},
+               {"mined": dmm.BatchHardMiner()(x, y)}]:
+        calls.clear()
+        _assert_fast_matches_reference(loss, x, y, kw, spec)
+        dense_only = "ignore_mask" in kw or "mined" in kw
+        assert calls == ([] if dense_only else [classes == 6]), (spec, sorted(kw), calls)
+
+
 def test_same_label_pairs_enumerates_exactly_the_label_mask() -> None:
     from deepmetric.losses import _fast
 

@@ -438,6 +438,16 @@ def _exact_labels(labels: Tensor, dtype: torch.dtype) -> bool:
     return -limit <= int(lo) and int(hi) <= limit
 
 
+def float_other_label_mask(labels: Tensor, ref_labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """[y_i ≠ y_j] as a B×R 0/1 matrix in ``dtype`` (every pair with another label; nothing ignored)."""
+    if _exact_labels(labels, dtype) and (ref_labels is labels or _exact_labels(ref_labels, dtype)):
+        a = labels.to(dtype)
+        b = a if ref_labels is labels else ref_labels.to(dtype)
+        # distinct integers differ by ≥ 1 (also after rounding to dtype): |a − b| clamped at 1 is [a ≠ b]
+        return torch.sub(a.unsqueeze(1), b).abs_().clamp_(max=1.0)
+    return fm(labels.unsqueeze(1) != ref_labels.to(labels.device).unsqueeze(0), dtype)
+
+
 def float_pair_masks(
     labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, self_cmp: bool, dtype: torch.dtype,
     mined: Mined | None = None,
@@ -445,13 +455,7 @@ def float_pair_masks(
     """(P, N): the positive pairs (same label, the diagonal dropped under self comparison) and the negative pairs
     (other label) as B×R 0/1 matrices in ``dtype``, ignored pairs removed, intersected with mined pairs when
     given. Same pairs as :func:`masks`."""
-    if _exact_labels(labels, dtype) and (ref_labels is labels or _exact_labels(ref_labels, dtype)):
-        a = labels.to(dtype)
-        b = a if ref_labels is labels else ref_labels.to(dtype)
-        # distinct integers differ by ≥ 1 (also after rounding to dtype): |a − b| clamped at 1 is [a ≠ b]
-        neg = torch.sub(a.unsqueeze(1), b).abs_().clamp_(max=1.0)
-    else:
-        neg = fm(labels.unsqueeze(1) != ref_labels.to(labels.device).unsqueeze(0), dtype)
+    neg = float_other_label_mask(labels, ref_labels, dtype)
     pos = torch.rsub(neg, 1.0)
     if self_cmp:
         pos.fill_diagonal_(0.0)

@@ -137,8 +137,16 @@ class LiftedStructureLoss(MetricLoss):
         st = _fast.prepare(embeddings, ref_embeddings, norm)
         with torch.no_grad():
             if self.variant == "generalized" and norm and self._bounded():
-                pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, st.nx.xf.dtype, mined)
-                return self._fast_generalized_unit(st, pos, neg, embeddings.shape[0])
+                dtype, b, r = st.nx.xf.dtype, labels.shape[0], ref_labels.shape[0]
+                pairs = None
+                if ignore_mask is None and mined is None and b * r >= _fast.PAIR_LIST_MIN_GRID:
+                    # few positive pairs (m-per-class batches): their term from the pair list, no positive mask
+                    pairs = _fast.same_label_pairs(labels, ref_labels, self_cmp, b * r // _fast.SPARSE_FRACTION)
+                if pairs is not None:
+                    pos, neg = None, _fast.float_other_label_mask(labels, ref_labels, dtype)
+                else:
+                    pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, dtype, mined)
+                return self._fast_generalized_unit(st, pos, neg, b, pairs)
             pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
             if self.variant == "original":
                 return self._fast_original(st, pos, neg, norm)
@@ -166,14 +174,25 @@ class LiftedStructureLoss(MetricLoss):
         bound = 2.0 + max(abs(self.pos_margin), abs(self.neg_margin)) + abs(self.neg_margin - self.pos_margin)
         return bound < _fast.EXP_SAFE[torch.float32]
 
-    def _fast_generalized_unit(self, st: _fast.PairState, pos: Tensor, neg: Tensor, b: int) -> Tensor:
-        """The generalized loss on unit rows with 0/1 masks ``pos``/``neg`` (consumed). One exponential serves
-        both sums: e^{m⁻ − D} = e^{m⁻ − m⁺} / e^{D − m⁺}, and the constant factor cancels in the weights."""
+    def _fast_generalized_unit(
+        self, st: _fast.PairState, pos: Tensor | None, neg: Tensor, b: int,
+        pairs: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The generalized loss on unit rows with 0/1 masks ``pos``/``neg`` (consumed), or with the positive pairs
+        listed (``pairs``: rows, cols; ``pos`` None). Both sums use e^{±(D − m⁺)}: e^{m⁻ − D} = e^{m⁻ − m⁺}·e^{m⁺ − D},
+        and the constant factor cancels in the weights (one exponential serves both with masks)."""
         d = _fast.distance(st, squared=False)
-        e_p = torch.sub(d, self.pos_margin).exp_()
-        e_n = torch.reciprocal(e_p).mul_(neg)
-        e_p.mul_(pos)
-        s_p, s_n = e_p.sum(1), e_n.sum(1)
+        if pairs is None:
+            e_p = torch.sub(d, self.pos_margin).exp_()
+            e_n = torch.reciprocal(e_p).mul_(neg)
+            e_p.mul_(pos)
+            s_p = e_p.sum(1)
+        else:
+            rows, cols = pairs
+            e_p = d[rows, cols].sub_(self.pos_margin).exp_()
+            s_p = d.new_zeros(d.shape[0]).index_add_(0, rows, e_p)
+            e_n = torch.rsub(d, self.pos_margin).exp_().mul_(neg)
+        s_n = e_n.sum(1)
         ok = (s_p > 0).logical_and_(s_n > 0)  # rows with both kinds of pairs
         tiny = torch.finfo(d.dtype).tiny
         per_anchor = s_p.clamp_min(tiny).log_().add_(s_n.clamp_min(tiny).log_()).add_(
@@ -187,10 +206,13 @@ class LiftedStructureLoss(MetricLoss):
         if not bool(act.any()):
             return _fast.finish(st, value, None)
         # ∂L/∂D = act·(W⁺ − W⁻) with W = e / Σe per row; ∂D/∂S = −1/D
-        coef_p = act.div(s_p.clamp_min_(tiny)).unsqueeze(1)
-        coef_n = act.div_(s_n.clamp_min_(tiny)).unsqueeze(1)
-        G = e_n.mul_(coef_n).addcmul_(e_p, coef_p, value=-1.0).div_(d)
-        return _fast.finish(st, value, G)
+        coef_p = act.div(s_p.clamp_min_(tiny))
+        G = e_n.mul_(act.div_(s_n.clamp_min_(tiny)).unsqueeze(1))
+        if pairs is None:
+            G.addcmul_(e_p, coef_p.unsqueeze(1), value=-1.0)
+        else:  # G is 0 on the positive pairs (other-label mask), each listed once
+            G.index_put_((rows, cols), e_p.mul_(coef_p[rows]).neg_())
+        return _fast.finish(st, value, G.div_(d))
 
     def _fast_generalized(self, st: _fast.PairState, pos: Tensor, neg: Tensor, norm: bool, b: int) -> Tensor:
         """[lse_P(D − m⁺) + lse_N(m⁻ − D)]₊ per anchor with both kinds of pairs; unit rows have D ≤ 2."""

@@ -132,6 +132,11 @@ class MultiSimilarityLoss(MetricLoss):
         with torch.no_grad():
             sim = _fast.similarity(st)
             safe = max(bound_p, bound_n) < _fast.EXP_SAFE.get(sim.dtype, 0.0)
+            if (not self.mining and safe and ignore_mask is None and mined is None
+                    and labels.shape[0] * ref_labels.shape[0] >= _fast.PAIR_LIST_MIN_GRID):
+                out = self._from_positive_pair_list(st, sim, labels, ref_labels, self_cmp)
+                if out is not None:
+                    return out
             if not self.mining and safe:
                 # 0/1 float masks (no bool pass); every anchor has a pair unless pairs are ignored or mined
                 pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, sim.dtype, mined)
@@ -163,6 +168,33 @@ class MultiSimilarityLoss(MetricLoss):
             per_anchor = v_p.div_(pos_scale).add_(v_n, alpha=1.0 / neg_scale)
             value = per_anchor.dot(row) if rowed else per_anchor.sum() * (factor / denom)
             G = w_n.sub_(w_p)
+        return _fast.finish(st, value, G)
+
+    def _from_positive_pair_list(
+        self, st: _fast.PairState, sim: Tensor, labels: Tensor, ref_labels: Tensor, self_cmp: bool,
+    ) -> Tensor | None:
+        """No mining, bounded exponents, nothing ignored or mined, a large grid: the positive term from the list of
+        positive pairs (m − 1 per anchor in an m-per-class batch) instead of a set of passes over B×R; only the
+        negative term stays dense. Every anchor has a pair (R ≥ 2 here), so both reductions divide by B. None
+        when the positive pairs are too many for that to pay (few classes per batch)."""
+        b, r = sim.shape
+        pairs = _fast.same_label_pairs(labels, ref_labels, self_cmp, b * r // _fast.SPARSE_FRACTION)
+        if pairs is None:
+            return None
+        rows, cols = pairs
+        pos_scale, neg_scale, factor = self._scales()
+        k = factor / b
+        # positives, read before S is overwritten: e^{−α(S−λ)}, summed per anchor
+        e_p = sim[rows, cols].mul_(-pos_scale).add_(pos_scale * self.base).exp_()
+        s_p = sim.new_zeros(b).index_add_(0, rows, e_p)
+        v_p = torch.log1p(s_p)
+        w_p = e_p.mul_(s_p.add_(1.0).reciprocal_().mul_(k)[rows])
+        neg = _fast.float_other_label_mask(labels, ref_labels, sim.dtype)
+        a_n = torch.add(sim.new_tensor(-neg_scale * self.base), sim, alpha=neg_scale, out=sim)
+        v_n, G = _fast.log1p_sum_exp(a_n, neg, neg_scale * (1.0 + abs(self.base)), k)
+        value = v_p.div_(pos_scale).add_(v_n, alpha=1.0 / neg_scale).sum() * k
+        # G is 0 on the positive pairs (other-label mask), each listed once
+        G.index_put_((rows, cols), w_p.neg_())
         return _fast.finish(st, value, G)
 
     def extra_repr(self) -> str:

@@ -179,8 +179,9 @@ class LiftedStructureLoss(MetricLoss):
         pairs: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The generalized loss on unit rows with 0/1 masks ``pos``/``neg`` (consumed), or with the positive pairs
-        listed (``pairs``: rows, cols; ``pos`` None). Both sums use e^{±(D − m⁺)}: e^{m⁻ − D} = e^{m⁻ − m⁺}·e^{m⁺ − D},
-        and the constant factor cancels in the weights (one exponential serves both with masks)."""
+        listed (``pairs``: rows, cols; ``pos`` None). Both sums use e^{±(D − m⁺)}:
+        e^{m⁻ − D} = e^{m⁻ − m⁺}·e^{m⁺ − D}, and the constant factor cancels in the weights (with masks one
+        exponential serves both)."""
         d = _fast.distance(st, squared=False)
         if pairs is None:
             e_p = torch.sub(d, self.pos_margin).exp_()

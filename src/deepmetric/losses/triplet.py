@@ -151,8 +151,8 @@ class TripletMarginLoss(MetricLoss):
     def _hinge_sums_by_comparison(self, d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(Σ [d_ap − d_an + m]₊ over all triplets, the number of non-zero terms, ∂Σ/∂d) from one comparison of
         each positive pair's t = d_ap + m with its anchor's negative distances, in blocks of anchor rows of at
-        most max(B·R, ``_COMPARE_BLOCK_ENTRIES``) entries: per (a, p), c = #{n : d_an < t} and Σ_n [t − d_an]₊ = c·t − Σ_{d_an < t} d_an;
-        ∂/∂d_ap = c, ∂/∂d_an = −#{p : d_an < t_ap}."""
+        most max(B·R, ``_COMPARE_BLOCK_ENTRIES``) entries. Per (a, p): c = #{n : d_an < t} and
+        Σ_n [t − d_an]₊ = c·t − Σ_{d_an < t} d_an; ∂/∂d_ap = c, ∂/∂d_an = −#{p : d_an < t_ap}."""
         b, r = d.shape
         a, p = pos.nonzero(as_tuple=True)
         t = d[a, p].add_(self.margin)

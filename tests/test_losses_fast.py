@@ -42,6 +42,7 @@ SPECS = {
     "nca_unnormalized": lambda: dm.NCALoss(0.5, normalize_embeddings=False),
     "binomial": lambda: dm.BinomialDevianceLoss(),
     "binomial_contributing": lambda: dm.BinomialDevianceLoss(reduction="contributing"),
+    "binomial_steep_unbounded_path": lambda: dm.BinomialDevianceLoss(alpha=100.0, margin=0.3),
     "lifted_original": lambda: dm.LiftedStructureLoss(),
     "lifted_original_unnormalized": lambda: dm.LiftedStructureLoss(0.5, 0.1, normalize_embeddings=False),
     "lifted_generalized": lambda: dm.LiftedStructureLoss(variant="generalized"),
@@ -123,6 +124,20 @@ def test_self_gram_is_the_gram_matrix(b: int) -> None:
             if b >= split_from:  # the off-diagonal blocks mirror each other exactly
                 h = b // 2
                 assert torch.equal(gram[h:, :h], gram[:h, h:].t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_and_sigmoid_match_torch_to_rounding(dtype: torch.dtype) -> None:
+    """log1p through log with the rounding of 1 + eᵃ corrected: relative accuracy near the dtype's epsilon, also
+    where eᵃ is below half an ulp of 1 (softplus ≈ eᵃ) and where it is huge (softplus ≈ a)."""
+    a = torch.cat([torch.linspace(-79.0, 79.0, 20001, dtype=dtype),
+                   torch.tensor([-60.0, -30.0, -17.0, -1e-3, 0.0, 1e-6, 17.0, 60.0], dtype=dtype)])
+    sp, sig = _fast.softplus_and_sigmoid(a.clone())
+    ref_sp = torch.nn.functional.softplus(a.double(), threshold=1000.0)
+    ref_sig = torch.sigmoid(a.double())
+    eps = torch.finfo(dtype).eps
+    assert ((sp.double() - ref_sp).abs() <= 4 * eps * ref_sp).all()
+    assert ((sig.double() - ref_sig).abs() <= 4 * eps * ref_sig).all()
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))

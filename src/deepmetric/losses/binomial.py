@@ -62,22 +62,27 @@ class BinomialDevianceLoss(MetricLoss):
     ) -> Tensor:
         st = _fast.prepare(embeddings, ref_embeddings)
         with torch.no_grad():
-            pos, neg = _fast.masks(labels, ref_labels, ignore_mask, self_cmp, mined)
-            n_pos, n_neg = _fast.row_count(pos), _fast.row_count(neg)
-            has = (n_pos > 0) | (n_neg > 0)
-            n_has = int(has.sum())
+            dtype = st.nx.xf.dtype
+            pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, dtype, mined)
+            n_pos, n_neg = pos.sum(1), neg.sum(1)  # exact: at most R < 2²⁴ ones per row
+            n_has = int(((n_pos + n_neg) > 0).sum())
             if n_has == 0:
                 return _fast.zero(st)
             s = _fast.similarity(st)
             denom = float(embeddings.shape[0] if self.reduction == "batch" else n_has)
             # P and N are disjoint: one matrix a = t·(S − m) with t = −β on P, α on N; per-pair weight c
-            # (1/|P_i| or 1/|N_i|, ÷ denom; 0 elsewhere). L = Σ c·softplus(a), ∂L/∂S = c·t·softplus'(a).
-            wp = n_pos.clamp_min(1).to(s.dtype).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
-            wn = n_neg.clamp_min(1).to(s.dtype).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
-            up = _fast.u8(pos)
-            c = (up * wp).addcmul_(_fast.u8(neg), wn)
-            t = _fast.fm(pos, s.dtype).mul_(-self.beta - self.alpha).add_(self.alpha)  # −β on P, α elsewhere
+            # (1/|P_i| or 1/|N_i|, ÷ denom; 0 elsewhere). L = Σ c·softplus(a), ∂L/∂S = c·t·sigmoid(a).
+            wp = n_pos.clamp_min_(1.0).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
+            wn = n_neg.clamp_min_(1.0).reciprocal_().mul_(1.0 / denom).unsqueeze(1)
+            t = torch.mul(pos, -self.beta - self.alpha).add_(self.alpha)  # −β on P, α elsewhere
+            c = pos.mul_(wp).addcmul_(neg, wn)
             a = s.sub_(self.margin).mul_(t)
-            value = torch.dot(c.view(-1), F.softplus(a).view(-1))
-            G = torch.ops.aten.softplus_backward(c.mul_(t), a, 1.0, 20.0)
+            # |a| ≤ max(α, β)·(1 + |m|) on cosines: below the exp limit, softplus and its slope from one eᵃ
+            if max(abs(self.alpha), abs(self.beta)) * (1.0 + abs(self.margin)) < _fast.EXP_SAFE.get(dtype, 0.0):
+                sp, slope = _fast.softplus_and_sigmoid(a)
+                value = torch.dot(c.view(-1), sp.view(-1))
+                G = c.mul_(t).mul_(slope)
+            else:
+                value = torch.dot(c.view(-1), F.softplus(a).view(-1))
+                G = torch.ops.aten.softplus_backward(c.mul_(t), a, 1.0, 20.0)
         return _fast.finish(st, value, G)

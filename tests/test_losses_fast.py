@@ -450,6 +450,40 @@ def test_triplet_loss_on_the_miners_own_inputs_reuses_its_normalisation(miner: s
         assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("miner", ["batch_hard", "semi_hard_all", "distance_weighted", "distance_weighted_all"])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_margin_loss_on_the_miners_own_inputs_reuses_its_normalisation(miner: str, per_class: bool) -> None:
+    """Margin loss on mined triplets (the paper's distance-weighted setting): O(T) gathers on the miner's
+    normalisation; value and gradients wrt the embeddings and β equal the reference path's on the same triplets."""
+    make = {"batch_hard": lambda: dmm.BatchHardMiner(),
+            "semi_hard_all": lambda: dmm.SemiHardMiner(seed=0, positives="all"),
+            "distance_weighted": lambda: dmm.DistanceWeightedMiner(seed=0),
+            "distance_weighted_all": lambda: dmm.DistanceWeightedMiner(1.0, 1.2, seed=0, positives="all")}[miner]
+    x, y, xr, yr, g = _batch(5, 24, 30, 8, 6)
+    y[0] = 7  # an anchor without positives
+    ignore = torch.rand(24, 30, generator=g) < 0.1
+    for kw in ({}, {"ignore_mask": ignore[:, :24]}, {"ref_embeddings": xr, "ref_labels": yr, "ignore_mask": ignore}):
+        xs = x.clone().requires_grad_(True)
+        mined = make()(xs, y, kw.get("ref_embeddings"), kw.get("ref_labels"), kw.get("ignore_mask"))
+        assert mined._source is not None and mined._source.state_for(
+            xs, kw.get("ref_embeddings", xs), y, kw.get("ref_labels", y), kw.get("ignore_mask"),
+            "ref_labels" not in kw, True) is not None
+        plain = MinedTriplets(mined.anchor, mined.positive, mined.negative)
+        shift = torch.rand(8 if per_class else 1, generator=g, dtype=torch.float64) * 0.4 - 0.2  # β 1.0–1.4
+        results = []
+        for fast, tuples in ((True, mined), (False, plain)):
+            loss = dm.MarginLoss(0.2, 0.1, num_classes=8 if per_class else None).double()
+            with torch.no_grad():
+                loss.beta.add_(shift)
+            loss.fast = fast
+            xi = xs if fast else x.clone().requires_grad_(True)
+            v = loss(xi, y, mined=tuples, **kw)
+            results.append((v.detach(), *torch.autograd.grad(v, [xi, loss.beta])))
+        (v1, gx1, gb1), (v0, gx0, gb0) = results
+        assert torch.allclose(v0, v1, rtol=1e-9, atol=1e-12), (miner, sorted(kw))
+        assert torch.allclose(gx0, gx1, rtol=1e-7, atol=1e-10) and torch.allclose(gb0, gb1, rtol=1e-7, atol=1e-10)
+
+
 def test_triplet_loss_does_not_reuse_a_miners_work_on_changed_or_other_inputs() -> None:
     """Embeddings or labels changed in place after mining, other labels, another normalisation: the loss
     normalises and validates again (a stale normalisation or an invalid triplet would change the result)."""

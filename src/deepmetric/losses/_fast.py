@@ -557,6 +557,58 @@ def valid_triplets(
     return a[ok], p[ok], n[ok]
 
 
+def mined_triplet_state(
+    mined: MinedTriplets, x: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None,
+    self_cmp: bool, normalize: bool,
+) -> tuple[PairState, Tensor, Tensor, Tensor, bool]:
+    """(state, a, p, n, every_row) for a loss on mined triplets: a built-in miner's normalisation and triplets,
+    taken as they are, when the loss is given the very inputs mined on (:class:`MiningSource`); otherwise x and r
+    normalised here and the triplets validated. ``every_row``: the anchors are exactly 0..B−1 in order."""
+    source = mined._source
+    st = None if source is None else source.state_for(
+        x, r, labels, ref_labels, ignore_mask, self_cmp, normalize, mined.tensors())
+    if st is not None:
+        return st, mined.anchor, mined.positive, mined.negative, source.every_row
+    st = prepare(x, r, normalize)
+    a, p, n = valid_triplets(mined, labels, ref_labels, ignore_mask, self_cmp)
+    # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
+    every_row = a.shape[0] == x.shape[0] and bool((a == torch.arange(a.shape[0], device=a.device)).all())
+    return st, a, p, n, every_row
+
+
+def triplet_differences(
+    st: PairState, a: Tensor, p: Tensor, n: Tensor, every_row: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(diff, sq, pn): x̂_a − r̂_p and x̂_a − r̂_n as one 2×T×d block (written over the gathered reference rows:
+    one buffer, one row norm, one scatter later), their squared norms (2×T: D²_ap, D²_an, taken directly; the
+    dense paths' GEMM expansion agrees up to rounding) and the reference indices (p, n) concatenated.
+    ``index_select`` because advanced indexing of rows is several times slower on CPU."""
+    xn, rn = st.nx.xn, st.nr.xn
+    t = a.shape[0]
+    xa = xn if every_row else xn.index_select(0, a)
+    pn = torch.cat((p, n))
+    diff = rn.index_select(0, pn).view(2, t, -1)
+    torch.sub(xa, diff, out=diff)
+    # vector_norm reads the block once; a row dot (vecdot) writes a product of its size first
+    sq = torch.linalg.vector_norm(diff.view(2 * t, -1), dim=1).view(2, t).square_()
+    return diff, sq, pn
+
+
+def triplet_gradients(
+    st: PairState, diff: Tensor, coef: Tensor, a: Tensor, pn: Tensor, every_row: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(∂/∂x̂, ∂/∂r̂ or None under a self comparison) of Σ_k coef_k · ‖diff_k‖²/2-type terms: each difference row
+    x̂_a − r̂ scaled by its ``coef`` (2×T) goes to its anchor with + and to its reference row with − (``diff`` is
+    consumed)."""
+    xn, rn = st.nx.xn, st.nr.xn
+    diff.mul_(coef.unsqueeze(2))
+    ga = diff[0] + diff[1]
+    gxn = ga if every_row else torch.zeros_like(xn).index_add_(0, a, ga)
+    grn = gxn if st.same else torch.zeros_like(rn)
+    grn.index_add_(0, pn, diff.view(2 * a.shape[0], -1), alpha=-1.0)
+    return gxn, None if st.same else grn
+
+
 # ---------------------------------------------------------------------------------------------------- reductions
 
 

@@ -193,15 +193,3 @@ class MetricLoss(nn.Module):
         :meth:`compute` (the reference implementation, kept for tests and subclasses). ``self_cmp``: the
         references are the batch itself and the diagonal is an ignored pair (not included in ``ignore_mask``)."""
         raise NotImplementedError
-
-    def reference_compute(
-        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
-        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
-    ) -> Tensor:
-        """:meth:`compute` from :meth:`fast_compute`'s arguments (fallback for cases a lean path does not cover)."""
-        if self_cmp:
-            eye = torch.eye(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
-            ignore_mask = eye if ignore_mask is None else (ignore_mask.to(eye.device) | eye)
-        if mined is None:
-            return self.compute(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
-        return self.compute(embeddings, labels, ref_embeddings, ref_labels, ignore_mask, mined=mined)

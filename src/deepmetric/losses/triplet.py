@@ -197,16 +197,8 @@ class TripletMarginLoss(MetricLoss):
     ) -> Tensor:
         """O(T·d): only the 2T distances of the mined triplets are formed (no B×R GEMM). Triplets a built-in
         miner returned for these very inputs are used as they are, on the miner's normalisation."""
-        source = mined._source
-        st = None if source is None else source.state_for(
-            x, r, labels, ref_labels, ignore_mask, self_cmp, self.normalize_embeddings, mined.tensors())
-        if st is not None:
-            a, p, n, every_row = mined.anchor, mined.positive, mined.negative, source.every_row
-        else:
-            st = _fast.prepare(x, r, self.normalize_embeddings)
-            a, p, n = _fast.valid_triplets(mined, labels, ref_labels, ignore_mask, self_cmp)
-            # batch-hard and semi-hard miners give every anchor once, in order: no gather for the anchors then
-            every_row = a.shape[0] == x.shape[0] and bool((a == torch.arange(a.shape[0], device=a.device)).all())
+        st, a, p, n, every_row = _fast.mined_triplet_state(
+            mined, x, r, labels, ref_labels, ignore_mask, self_cmp, self.normalize_embeddings)
         if a.numel() == 0:
             return _fast.zero(st)
         with torch.no_grad():
@@ -217,18 +209,8 @@ class TripletMarginLoss(MetricLoss):
         self, st: _fast.PairState, a: Tensor, p: Tensor, n: Tensor, every_row: bool,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The value and its gradients wrt x̂ and r̂ (None when the references are the batch) on T triplets."""
-        xn, rn = st.nx.xn, st.nr.xn
         t = a.shape[0]
-        xa = xn if every_row else xn.index_select(0, a)
-        # Positives and negatives as one 2T×d block, x̂_a − r̂ written over the gathered rows (one buffer, one
-        # row-dot, one scatter); index_select because advanced indexing of rows is several times slower on CPU.
-        pn = torch.cat((p, n))
-        diff = rn.index_select(0, pn).view(2, t, -1)
-        torch.sub(xa, diff, out=diff)
-        # D² = ‖x̂_a − r̂‖² directly (the dense path's GEMM expansion agrees up to rounding); vector_norm reads the
-        # block once, a row dot (vecdot) writes a product of its size first
-        flat = diff.view(2 * t, -1)
-        dist = torch.linalg.vector_norm(flat, dim=1).view(2, t).square_()  # D²_ap, D²_an
+        diff, dist, pn = _fast.triplet_differences(st, a, p, n, every_row)  # dist: D²_ap, D²_an
         if not self.squared:
             dist.add_(_fast.DIST_EPS).sqrt_()
         losses = torch.sub(dist[0], dist[1]).add_(self.margin)
@@ -244,12 +226,8 @@ class TripletMarginLoss(MetricLoss):
         coef = dist.fill_(2.0) if self.squared else dist.reciprocal_()
         coef.mul_(w)
         coef[1].neg_()
-        diff.mul_(coef.unsqueeze(2))  # [+∂/∂x̂_a through D_ap; through D_an], each row also −∂/∂r̂
-        ga = diff[0] + diff[1]
-        gxn = ga if every_row else torch.zeros_like(xn).index_add_(0, a, ga)
-        grn = gxn if st.same else torch.zeros_like(rn)
-        grn.index_add_(0, pn, flat, alpha=-1.0)
-        return value, gxn, None if st.same else grn
+        gxn, grn = _fast.triplet_gradients(st, diff, coef, a, pn, every_row)
+        return value, gxn, grn
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deepmetric.functional import pairwise_distance
 from deepmetric.losses import _fast
 from deepmetric.losses.base import MinedPairs, MinedTriplets
 from deepmetric.losses.multi_similarity import fast_ms_selection
@@ -196,7 +195,8 @@ class DistanceWeightedMiner(Miner):
         self.embedding_dim, self.positives = embedding_dim, positives
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        d = pairwise_distance(embeddings, ref_embeddings, normalize=True)
+        st = _fast.prepare(embeddings, ref_embeddings, True)
+        d = _fast.distance(st, squared=False)
         probs = distance_weighted_probabilities(
             d, neg, self.embedding_dim or embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
         )
@@ -209,4 +209,6 @@ class DistanceWeightedMiner(Miner):
         # Guard rounding at the top end and zero-probability columns reached by ties.
         k = k.clamp_max(d.shape[1] - 1)
         k = torch.where(neg[a, k], k, probs.index_select(0, a).argmax(1))
-        return MinedTriplets(a, p, k)
+        # one (sorted, distinct) anchor per row when every row got a random positive: a = 0..B−1
+        every_row = self.positives == "random" and a.shape[0] == d.shape[0]
+        return MinedTriplets(a, p, k, _source=_fast.MiningSource(st, True, every_row))

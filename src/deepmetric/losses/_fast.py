@@ -721,6 +721,18 @@ def same_label_pairs(
     return rows, cols
 
 
+def listed_positive_pairs(
+    labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, mined: Mined | None, self_cmp: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """The positive pairs as (rows, cols) when a loss with a dense negative term should take its positive term
+    from them: a grid of at least ``PAIR_LIST_MIN_GRID`` pairs, nothing ignored or mined, and at most
+    B·R/``SPARSE_FRACTION`` positives (m-per-class batches have m − 1 per anchor). None otherwise: masks then."""
+    b, r = labels.shape[0], ref_labels.shape[0]
+    if ignore_mask is not None or mined is not None or b * r < PAIR_LIST_MIN_GRID:
+        return None
+    return same_label_pairs(labels, ref_labels, self_cmp, b * r // SPARSE_FRACTION)
+
+
 def drop_ignored(rows: Tensor, cols: Tensor, ignore_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     if ignore_mask is None:
         return rows, cols

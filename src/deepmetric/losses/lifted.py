@@ -137,11 +137,9 @@ class LiftedStructureLoss(MetricLoss):
         st = _fast.prepare(embeddings, ref_embeddings, norm)
         with torch.no_grad():
             if self.variant == "generalized" and norm and self._bounded():
-                dtype, b, r = st.nx.xf.dtype, labels.shape[0], ref_labels.shape[0]
-                pairs = None
-                if ignore_mask is None and mined is None and b * r >= _fast.PAIR_LIST_MIN_GRID:
-                    # few positive pairs (m-per-class batches): their term from the pair list, no positive mask
-                    pairs = _fast.same_label_pairs(labels, ref_labels, self_cmp, b * r // _fast.SPARSE_FRACTION)
+                dtype, b = st.nx.xf.dtype, labels.shape[0]
+                # few positive pairs (m-per-class batches): their term from the pair list, no positive mask
+                pairs = _fast.listed_positive_pairs(labels, ref_labels, ignore_mask, mined, self_cmp)
                 if pairs is not None:
                     pos, neg = None, _fast.float_other_label_mask(labels, ref_labels, dtype)
                 else:

@@ -132,12 +132,10 @@ class MultiSimilarityLoss(MetricLoss):
         with torch.no_grad():
             sim = _fast.similarity(st)
             safe = max(bound_p, bound_n) < _fast.EXP_SAFE.get(sim.dtype, 0.0)
-            if (not self.mining and safe and ignore_mask is None and mined is None
-                    and labels.shape[0] * ref_labels.shape[0] >= _fast.PAIR_LIST_MIN_GRID):
-                out = self._from_positive_pair_list(st, sim, labels, ref_labels, self_cmp)
-                if out is not None:
-                    return out
             if not self.mining and safe:
+                pairs = _fast.listed_positive_pairs(labels, ref_labels, ignore_mask, mined, self_cmp)
+                if pairs is not None:
+                    return self._from_positive_pair_list(st, sim, labels, ref_labels, pairs, bound_n)
                 # 0/1 float masks (no bool pass); every anchor has a pair unless pairs are ignored or mined
                 pos, neg = _fast.float_pair_masks(labels, ref_labels, ignore_mask, self_cmp, sim.dtype, mined)
                 if ignore_mask is None and mined is None and ref_labels.shape[0] > (1 if self_cmp else 0):
@@ -171,16 +169,14 @@ class MultiSimilarityLoss(MetricLoss):
         return _fast.finish(st, value, G)
 
     def _from_positive_pair_list(
-        self, st: _fast.PairState, sim: Tensor, labels: Tensor, ref_labels: Tensor, self_cmp: bool,
-    ) -> Tensor | None:
-        """No mining, bounded exponents, nothing ignored or mined, a large grid: the positive term from the list of
-        positive pairs (m − 1 per anchor in an m-per-class batch) instead of a set of passes over B×R; only the
-        negative term stays dense. Every anchor has a pair (R ≥ 2 here), so both reductions divide by B. None
-        when the positive pairs are too many for that to pay (few classes per batch)."""
-        b, r = sim.shape
-        pairs = _fast.same_label_pairs(labels, ref_labels, self_cmp, b * r // _fast.SPARSE_FRACTION)
-        if pairs is None:
-            return None
+        self, st: _fast.PairState, sim: Tensor, labels: Tensor, ref_labels: Tensor, pairs: tuple[Tensor, Tensor],
+        bound_n: float,
+    ) -> Tensor:
+        """No mining, bounded exponents (``bound_n`` for the negative term), the positive pairs listed
+        (:func:`_fast.listed_positive_pairs`): the positive term from the list instead of a set of passes over B×R;
+        only the negative term stays dense. Every anchor has a pair (nothing ignored; a self comparison on such a grid has
+        R ≥ 362), so both reductions divide by B."""
+        b = sim.shape[0]
         rows, cols = pairs
         pos_scale, neg_scale, factor = self._scales()
         k = factor / b
@@ -191,7 +187,7 @@ class MultiSimilarityLoss(MetricLoss):
         w_p = e_p.mul_(s_p.add_(1.0).reciprocal_().mul_(k)[rows])
         neg = _fast.float_other_label_mask(labels, ref_labels, sim.dtype)
         a_n = torch.add(sim.new_tensor(-neg_scale * self.base), sim, alpha=neg_scale, out=sim)
-        v_n, G = _fast.log1p_sum_exp(a_n, neg, neg_scale * (1.0 + abs(self.base)), k)
+        v_n, G = _fast.log1p_sum_exp(a_n, neg, bound_n, k)
         value = v_p.div_(pos_scale).add_(v_n, alpha=1.0 / neg_scale).sum() * k
         # G is 0 on the positive pairs (other-label mask), each listed once
         G.index_put_((rows, cols), w_p.neg_())

@@ -11,10 +11,14 @@ Methods (each run in a fresh subprocess; peak memory = ru_maxrss after the runs 
   (b) deepmetric  evaluate(recall@{1,10,100,1000} (In-Shop: 1,10,20,30,40,50), r_precision, map@r)
   (c) pml+faiss   AccuracyCalculator(k="max_bin_count", precision_at_1 / r_precision / MAP@R) + Recall@K from a
                   faiss IndexFlatIP kNN with k = max K (+1 for the own row, removed by index)
+  (d) profile     (optional, --profile) one evaluate under torch.profiler: self CPU time of the top operators,
+                  to see where the non-GEMM time goes on a given host
+Every method runs at each thread count of --threads (default 1 and 2) in the same invocation, so b/a compares
+deepmetric with the bare GEMM at the same thread count and under the same machine load.
 Reported: median wall time, b/a (target ≤ 1.15), b/c (target ≤ 0.5), peak memory beyond the embeddings
-(target ≤ 1.5 GB).
+(target ≤ 1.5 GB), and the host (CPU model, AVX-512 or not, BLAS, load average before and after).
 
-Usage: python benchmarks/evaluation.py [--small] [--repeats N] [--pml-repeats N]
+Usage: python benchmarks/evaluation.py [--small] [--repeats N] [--pml-repeats N] [--threads 1 2] [--profile]
 """
 
 from __future__ import annotations
@@ -132,7 +136,17 @@ def _run_pml(q, ql, g, gl, recall_at):
     return {key: float(v) for key, v in out.items()}
 
 
-WORKERS = {"gemm": _run_gemm, "deepmetric": _run_deepmetric, "pml+faiss": _run_pml}
+def _run_profile(q, ql, g, gl, recall_at):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _run_deepmetric(q, ql, g, gl, recall_at)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return {f"self_cpu_share:{e.key}": e.self_cpu_time_total / total for e in events[:12]}
+
+
+WORKERS = {"gemm": _run_gemm, "deepmetric": _run_deepmetric, "pml+faiss": _run_pml, "profile": _run_profile}
 
 
 def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> None:
@@ -164,7 +178,9 @@ def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: 
 def run_method(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--data", data, "--repeats", str(repeats),
            "--recall-at", *map(str, recall_at)] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # the OpenMP pools of torch and faiss start at this size, so nothing runs wider than asked
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,38 +190,74 @@ def run_method(method: str, data: str, repeats: int, recall_at: list[int], threa
 
 # ------------------------------------------------------------------------------------------------- main -----
 def bench_case(
-    name: str, arrays: dict, recall_at: list[int], repeats: int, pml_repeats: int, threads: int | None
+    name: str, arrays: dict, recall_at: list[int], repeats: int, pml_repeats: int, threads: list[int], profile: bool
 ) -> dict:
+    per_threads = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.npz")
         np.savez(data, **arrays)
         emb_mb = sum(a.nbytes for k, a in arrays.items() if k in ("q", "g")) / 2**20
-        runs = {}
-        for method, reps in (("gemm", repeats), ("deepmetric", repeats), ("pml+faiss", pml_repeats)):
-            print(f"[{name}] {method} × {reps} ...", file=sys.stderr, flush=True)
-            runs[method] = run_method(method, data, reps, recall_at, threads)
-    a, b, c = (runs[m]["median_s"] for m in ("gemm", "deepmetric", "pml+faiss"))
+        for t in threads:
+            runs = {}
+            plan = [("gemm", repeats), ("deepmetric", repeats), ("pml+faiss", pml_repeats)]
+            if profile:
+                plan.append(("profile", 1))
+            for method, reps in plan:
+                print(f"[{name}, {t} thread(s)] {method} × {reps} ...", file=sys.stderr, flush=True)
+                runs[method] = run_method(method, data, reps, recall_at, t)
+            a, b, c = (runs[m]["median_s"] for m in ("gemm", "deepmetric", "pml+faiss"))
+            per_threads[str(t)] = {
+                "runs": runs, "ratio_b_over_a": b / a, "ratio_b_over_c": b / c,
+                "targets": {"b/a<=1.15": b / a <= 1.15, "b/c<=0.5": b / c <= 0.5,
+                            "deepmetric_peak<=1.5GB": runs["deepmetric"]["peak_extra_mb"] <= 1536},
+            }
     return {
         "case": name,
         "shape": {k: list(v.shape) for k, v in arrays.items() if k in ("q", "g")},
         "n_classes": int(np.unique(arrays["ql"]).shape[0]),
         "embeddings_mb": emb_mb,
         "recall_at": recall_at,
-        "runs": runs,
-        "ratio_b_over_a": b / a,
-        "ratio_b_over_c": b / c,
-        "targets": {"b/a<=1.15": b / a <= 1.15, "b/c<=0.5": b / c <= 0.5,
-                    "deepmetric_peak<=1.5GB": runs["deepmetric"]["peak_extra_mb"] <= 1536},
+        "threads": per_threads,
     }
 
 
 def print_table(case: dict) -> None:
     print(f"\n{case['case']}: {case['shape']}, {case['n_classes']} classes, embeddings {case['embeddings_mb']:.0f} MB")
-    print(f"{'method':<12} {'median s':>9} {'runs':>5} {'peak MB':>9}   metrics")
-    for method, res in case["runs"].items():
-        shown = {k: round(v, 4) for k, v in res["metrics"].items() if not k.startswith("n_")}
-        print(f"{method:<12} {res['median_s']:>9.2f} {len(res['times']):>5} {res['peak_extra_mb']:>9.0f}   {shown}")
-    print(f"b/a = {case['ratio_b_over_a']:.3f} (target ≤ 1.15)   b/c = {case['ratio_b_over_c']:.3f} (target ≤ 0.5)")
+    print(f"{'threads':>7} {'method':<12} {'median s':>9} {'runs':>5} {'peak MB':>9}   metrics")
+    for t, entry in case["threads"].items():
+        for method, res in entry["runs"].items():
+            if method == "profile":
+                continue
+            shown = {k: round(v, 4) for k, v in res["metrics"].items() if not k.startswith("n_")}
+            print(f"{t:>7} {method:<12} {res['median_s']:>9.2f} {len(res['times']):>5} {res['peak_extra_mb']:>9.0f}"
+                  f"   {shown}")
+        print(f"{t:>7} b/a = {entry['ratio_b_over_a']:.3f} (target ≤ 1.15)   b/c = {entry['ratio_b_over_c']:.3f} "
+              "(target ≤ 0.5)")
+        if "profile" in entry["runs"]:
+            top = sorted(entry["runs"]["profile"]["metrics"].items(), key=lambda kv: -kv[1])[:6]
+            print(f"{t:>7} profile: " + ", ".join(f"{k.split(':', 1)[1]} {100 * v:.1f}%" for k, v in top))
+
+
+def host_info() -> dict:
+    """CPU model, vector extensions and the BLAS torch uses: the ratios depend on all three."""
+    import torch
+
+    model, flags = platform.processor(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    config = torch.__config__.show()
+    blas = next((ln.strip() for ln in config.splitlines() if "Math Kernel" in ln or "OpenBLAS" in ln), "")
+    capability = next((ln.strip() for ln in config.splitlines() if "CPU capability" in ln), "")
+    return {"platform": platform.platform(), "cpu_model": model, "cpus": os.cpu_count(),
+            "avx512f": "avx512f" in flags.split(), "blas": blas, "torch_cpu_capability": capability,
+            "torch": torch.__version__}
 
 
 def main() -> None:
@@ -214,36 +266,36 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="runs of gemm and deepmetric (default 3, --small 2)")
     p.add_argument("--pml-repeats", type=int, default=None, help="runs of PML + faiss (default 1)")
     p.add_argument("--sigma", type=float, default=0.1, help="per-dimension noise scale of the synthetic data")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch and faiss threads in every worker (default: library defaults)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts to measure, each for every method (default: 1 2)")
+    p.add_argument("--profile", action="store_true", help="also profile one evaluate per thread count")
     p.add_argument("--output", default=None)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--recall-at", type=int, nargs="+", default=[1, 10, 100, 1000], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.data, args.repeats, args.recall_at, args.threads)
+        worker(args.worker, args.data, args.repeats, args.recall_at, args.threads[0])
         return
     repeats = args.repeats or (2 if args.small else 3)
     pml_repeats = args.pml_repeats or 1
     scale = 10 if args.small else 1
+    load_before = os.getloadavg()
     x, y = make_sop(60502 // scale, 11316 // scale, 512, args.sigma)
-    cases = [bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads)]
+    cases = [bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads,
+                        args.profile)]
     del x, y
     q, ql, g, gl = make_inshop(14218 // scale, 12612 // scale, 3985 // scale, 512, args.sigma)
     cases.append(bench_case("inshop", {"q": q, "ql": ql, "g": g, "gl": gl}, [1, 10, 20, 30, 40, 50], repeats,
-                            pml_repeats, args.threads))
-    import torch
-
+                            pml_repeats, args.threads, args.profile))
     report = {
         "benchmark": "evaluation",
         "small": args.small,
         "sigma": args.sigma,
         "threads": args.threads,
+        "load_average_before": load_before,
         "load_average_at_end": os.getloadavg(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch_threads": args.threads or torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": host_info(),
         "cases": cases,
     }
     for case in cases:

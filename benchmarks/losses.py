@@ -1,20 +1,26 @@
-"""Loss benchmark: median forward+backward time of every deepmetric loss vs its pytorch-metric-learning (PML)
-equivalent in the same process, plus peak memory at B=4096 for MS, contrastive and triplet with a miner.
+"""Loss benchmark: forward+backward time of every deepmetric loss (and miner + loss pair) that
+pytorch-metric-learning (PML) also has, as a ratio to PML measured in the same process, and the peak memory of
+every loss at B=4096.
 
-    python benchmarks/losses.py            # B=180 and B=1024, d=512, 3 rounds × 7 reps; memory at B=4096
-    python benchmarks/losses.py --small    # B=180 only, one round of 5 reps, memory at B=1024
-    python benchmarks/losses.py --only multi_similarity contrastive   # cases whose name starts with these
+    python benchmarks/losses.py                  # B=180 and 1024, d=512, 1 and 2 threads; memory at B=4096
+    python benchmarks/losses.py --small          # B=180 only, fewer reps, memory at B=1024
+    python benchmarks/losses.py --only contrastive triplet --threads 1 --no-memory
 
-Timing protocol: torch threads pinned (``--threads``, default 1 so that a shared machine's other jobs disturb
-less). ``--rounds`` passes over the case list; in each, one warm-up call per function, then ours, PML and the
-floor alternate rep by rep for ``--reps`` reps. Times are the median over all reps of all rounds; the ratio is
-the median of the per-rep ratios ours/PML (each pair timed back to back, so a load change between reps cancels),
-printed with its quartiles. On a shared 2-core VM a ratio still moves by about ±10% between runs: read the
-quartiles. The machine's load average (os.getloadavg) is recorded before and after.
+Timing: for each case, ours, PML and the GEMM floor (below) alternate rep by rep (one warm-up call each first),
+so that a load change on a shared machine hits all three alike; ``--rounds`` passes over the case list are
+pooled. Reported: the median time of each, and the median (with quartiles) of the per-rep ratios ours/PML.
 
-Prints a table and writes benchmarks/results/losses.json. Labels are m-per-class (4 per class), embeddings
-Gaussian, float32, CPU unless --device is given. PML cases whose pair/triplet index lists would exceed
---pml-max-elements (its O(P·N) / O(B³) paths) are skipped and reported as such.
+GEMM floor: L2-normalise, the similarity matrix through ``deepmetric.functional.gram_matrix`` (one GEMM) and
+a plain sum, forward and backward (one more GEMM) — the part of every dense pair loss that no elementwise work
+can remove. Its ratio to PML bounds the ratio a loss can reach on this host.
+
+Memory: each loss runs one forward+backward at B=4096, d=512 in a fresh subprocess; the number is the peak
+resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` just before the call) minus the
+resident size before it, so imports, the inputs and the allocator's earlier peaks do not count.
+
+Labels are m-per-class (4 per class), embeddings Gaussian, float32, CPU unless ``--device``. PML cases whose
+index lists or masks would exceed ``--pml-max-elements`` (its O(B³) / O(P·N) paths) are skipped and say so.
+Prints a table and writes ``benchmarks/results/losses.json`` (``losses_small.json`` with ``--small``).
 """
 
 from __future__ import annotations
@@ -23,125 +29,94 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from deepmetric import losses as dm
 from deepmetric import miners as dmm
+from deepmetric.functional import gram_matrix, l2_normalize
 
 PER_CLASS = 4
-SLOW_PML_S = 20.0
 N_PROXY_CLASSES = 100
+DIM = 512
+SLOW_S = 20.0  # a function slower than this (PML's Python-side miners at large B) is timed once, not every rep
 
-
-class _GemmFloor(torch.autograd.Function):
-    """The work every exact loss on a dense similarity matrix must do, and nothing else: normalise x (and the
-    references), S = x̂ r̂ᵀ, one read of S (value = ΣS); backward with an all-ones ∂L/∂S (dense, written once):
-    (G + Gᵀ)·x̂ for a self comparison, G·r̂ and Gᵀ·x̂ with separate references, and the normalisation backward.
-    Its time over PML's is the lowest ratio any implementation with a dense gradient can reach on this CPU."""
-
-    @staticmethod
-    def forward(ctx, x, r):  # type: ignore[override]
-        ix = torch.linalg.vector_norm(x, dim=1, keepdim=True).reciprocal_()
-        xn = x * ix
-        if r is None:
-            rn, ir = xn, ix
-        else:
-            ir = torch.linalg.vector_norm(r, dim=1, keepdim=True).reciprocal_()
-            rn = r * ir
-        ctx.save_for_backward(xn, rn, ix, ir)
-        ctx.same = r is None
-        b = xn.shape[0]
-        if ctx.same and b >= 256 and xn.device.type == "cpu":
-            # a self comparison needs only 3/4 of the products (top rows × all, bottom-right block, mirror)
-            h = b // 2
-            s = xn.new_empty(b, b)
-            torch.mm(xn[:h], xn.t(), out=s[:h])
-            torch.mm(xn[h:], xn[h:].t(), out=s[h:, h:])
-            s[h:, :h].copy_(s[:h, h:].t())
-            return s.sum()
-        return torch.mm(xn, rn.t()).sum()
-
-    @staticmethod
-    def backward(ctx, go):  # type: ignore[override]
-        xn, rn, ix, ir = ctx.saved_tensors
-        g = torch.ones(xn.shape[0], rn.shape[0], dtype=xn.dtype, device=xn.device)
-
-        def unnormalise(gn: torch.Tensor, n: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-            return gn.addcmul_(n, torch.linalg.vecdot(n, gn).unsqueeze(1), value=-1.0).mul_(inv)
-
-        if ctx.same:
-            return unnormalise(torch.mm(g.t().contiguous().add_(g), xn), xn, ix), None
-        return unnormalise(torch.mm(g, rn), xn, ix), unnormalise(torch.mm(g.t(), xn), rn, ir)
-
-
-class _NPairFloor(torch.autograd.Function):
-    """The least an exact N-pair loss computes once its (anchor, positive) rows are known (their selection is
-    done outside the timing, free): gather and normalise the 2C rows, the C×C logits GEMM, log-sum-exp minus the
-    diagonal; backward: softmax − I, the two C×d GEMMs, the normalisation backward, one copy into a zero B×d
-    gradient. At small B this is a few dozen small operations, and their fixed cost is the floor."""
-
-    @staticmethod
-    def forward(ctx, x, rows):  # type: ignore[override]
-        z = x.index_select(0, rows)
-        inv = torch.linalg.vector_norm(z, dim=1, keepdim=True).reciprocal_()
-        zn = z.mul_(inv)
-        n = rows.shape[0] // 2
-        logits = torch.mm(zn[:n], zn[n:].t())
-        e = logits.exp()
-        s = e.sum(1)
-        ctx.save_for_backward(zn, e, s, inv, rows)
-        ctx.b = x.shape[0]
-        return (s.log().sum() - logits.diagonal().sum()) / n
-
-    @staticmethod
-    def backward(ctx, go):  # type: ignore[override]
-        zn, e, s, inv, rows = ctx.saved_tensors
-        n = e.shape[0]
-        w = e.div_(s.unsqueeze(1) * n)
-        w.diagonal().sub_(1.0 / n)
-        g = torch.empty_like(zn)
-        torch.mm(w, zn[n:], out=g[:n])
-        torch.mm(w.t(), zn[:n], out=g[n:])
-        g.addcmul_(zn, torch.linalg.vecdot(zn, g).unsqueeze(1), value=-1.0).mul_(inv * go)
-        return g.new_zeros(ctx.b, g.shape[1]).index_copy_(0, rows, g), None
-
-
-def _npair_rows(labels: torch.Tensor) -> torch.Tensor:
-    """The first and second row of every label with two or more rows: anchors, then their positives."""
-    seen: dict[int, list[int]] = {}
-    for i, y in enumerate(labels.tolist()):
-        seen.setdefault(y, []).append(i)
-    pairs = [r[:2] for r in seen.values() if len(r) >= 2]
-    return torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs], device=labels.device)
-
-
-def _floor(kind: str, b: int, device: torch.device) -> Callable | None:
-    """The floor of a case: ``self`` (B×B GEMMs), ``proxies`` (B×C with learnable C×d), ``npair`` (the minimal
-    N-pair computation), or None (not binding)."""
-    if kind == "self":
-        return lambda x: _GemmFloor.apply(x, None)
-    if kind == "npair":
-        rows = _npair_rows(_labels(b, device))
-        return lambda x: _NPairFloor.apply(x, rows)
-    n_ref = {"proxies": N_PROXY_CLASSES, "proxies10": 10 * N_PROXY_CLASSES}.get(kind)
-    if n_ref is None:
-        return None
-    w = torch.randn(n_ref, 512, device=device, requires_grad=True)
-    return lambda x: _GemmFloor.apply(x, w)
+Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _labels(b: int, device: torch.device) -> torch.Tensor:
     return torch.arange(b, device=device) // PER_CLASS % max(b // PER_CLASS, 1)
 
 
-def _once(fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor) -> float:
+def _floor(x: torch.Tensor) -> torch.Tensor:
+    xn = l2_normalize(x)
+    return gram_matrix(xn, xn).sum()
+
+
+def _proxy_floor(proxies: torch.Tensor) -> Fn:
+    return lambda x: gram_matrix(l2_normalize(x), l2_normalize(proxies)).sum()
+
+
+def cases(b: int, device: torch.device) -> Iterator[tuple[str, Fn, Fn | None, float, str, Fn | None]]:
+    """(name, ours, PML or None, PML size in index elements, note, floor) for batch size ``b``."""
+    import pytorch_metric_learning.losses as pl
+    import pytorch_metric_learning.miners as pm
+
+    y = _labels(b, device)
+    n_pos, n_neg, cube = b * (PER_CLASS - 1), b * (b - PER_CLASS), float(b) ** 3
+
+    def pair(name: str, ours: Fn, pml: Fn | None, size: float = 0.0, note: str = ""):
+        return name, ours, pml, size, note, _floor
+
+    ms, ms_nm, pml_ms = dm.MultiSimilarityLoss(), dm.MultiSimilarityLoss(mining=False), pl.MultiSimilarityLoss()
+    ms_miner, pml_ms_miner = dmm.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)
+    yield pair("multi_similarity (built-in mining)", lambda x: ms(x, y), lambda x: pml_ms(x, y, pml_ms_miner(x, y)),
+               note="PML: loss + MS miner")
+    yield pair("multi_similarity (no mining)", lambda x: ms_nm(x, y), lambda x: pml_ms(x, y))
+    yield pair("multi_similarity + ms_miner", lambda x: ms_nm(x, y, mined=ms_miner(x, y)),
+               lambda x: pml_ms(x, y, pml_ms_miner(x, y)))
+    c, pml_c = dm.ContrastiveLoss(), pl.ContrastiveLoss()
+    yield pair("contrastive", lambda x: c(x, y), lambda x: pml_c(x, y))
+    yield pair("contrastive + ms_miner", lambda x: c(x, y, mined=ms_miner(x, y)),
+               lambda x: pml_c(x, y, pml_ms_miner(x, y)))
+    t, pml_t = dm.TripletMarginLoss(0.05), pl.TripletMarginLoss(0.05)
+    yield pair("triplet_margin (all triplets)", lambda x: t(x, y), lambda x: pml_t(x, y), cube, "PML: B³ mask")
+    bh, pml_bh = dmm.BatchHardMiner(), pm.BatchHardMiner()
+    yield pair("triplet_margin + batch_hard", lambda x: t(x, y, mined=bh(x, y)), lambda x: pml_t(x, y, pml_bh(x, y)))
+    lo, pml_lo = dm.LiftedStructureLoss(), pl.LiftedStructureLoss()
+    yield pair("lifted_structure (original)", lambda x: lo(x, y), lambda x: pml_lo(x, y), float(n_pos) * n_neg,
+               "PML: P×N matrix")
+    lg, pml_lg = dm.LiftedStructureLoss(variant="generalized"), pl.GeneralizedLiftedStructureLoss()
+    yield pair("lifted_structure (generalized)", lambda x: lg(x, y), lambda x: pml_lg(x, y))
+    m = dm.MarginLoss(num_classes=b).to(device)
+    pml_m = pl.MarginLoss(learn_beta=True, num_classes=b).to(device)
+    yield pair("margin (all triplets)", lambda x: m(x, y), lambda x: pml_m(x, y), cube, "PML: B³ mask")
+    dw, pml_dw = dmm.DistanceWeightedMiner(seed=0), pm.DistanceWeightedMiner()
+    yield pair("margin + distance_weighted", lambda x: m(x, y, mined=dw(x, y)), lambda x: pml_m(x, y, pml_dw(x, y)),
+               note="PML miner: 1 negative per positive pair")
+    nca, pml_nca = dm.NCALoss(), pl.NCALoss()
+    yield pair("nca", lambda x: nca(x, y), lambda x: pml_nca(x, y))
+    npair, pml_npair = dm.NPairLoss(), pl.NPairsLoss()
+    yield "npair", lambda x: npair(x, y), lambda x: pml_npair(x, y), 0.0, "", None
+    py = y % N_PROXY_CLASSES
+    for name, ours_cls, pml_cls in [
+        ("proxy_nca", dm.ProxyNCALoss, pl.ProxyNCALoss), ("proxy_anchor", dm.ProxyAnchorLoss, pl.ProxyAnchorLoss),
+        ("normalized_softmax", dm.NormalizedSoftmaxLoss, pl.NormalizedSoftmaxLoss),
+        ("arcface", dm.ArcFaceLoss, pl.ArcFaceLoss), ("soft_triple", dm.SoftTripleLoss, pl.SoftTripleLoss),
+    ]:
+        o, p = ours_cls(N_PROXY_CLASSES, DIM).to(device), pml_cls(N_PROXY_CLASSES, DIM).to(device)
+        yield (name, (lambda x, o=o: o(x, py)), (lambda x, p=p: p(x, py)), 0.0, f"{N_PROXY_CLASSES} classes",
+               _proxy_floor(o.proxies))
+
+
+def _once(fn: Fn, emb: torch.Tensor) -> float:
     x = emb.clone().requires_grad_(True)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -152,16 +127,13 @@ def _once(fn: Callable[[torch.Tensor], torch.Tensor], emb: torch.Tensor) -> floa
     return time.perf_counter() - t0
 
 
-def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> list[list[float]]:
-    """Seconds of each function (ours, PML, floor) per rep, interleaved rep by rep so that load changes on a shared
-    machine hit all of them alike (one warm-up call each first)."""
+def _time_interleaved(fns: list[Fn | None], emb: torch.Tensor, reps: int) -> list[list[float]]:
+    """Seconds per rep of each function, alternating rep by rep after one warm-up call each."""
     fns = list(fns)
-    first = [None if f is None else _once(f, emb) for f in fns]  # warm-up
     times: list[list[float]] = [[] for _ in fns]
-    for i, t in enumerate(first):
-        if t is not None and t > SLOW_PML_S:
-            # A path this slow (PML's Python-side miners at large B) is timed once more, not `reps` times.
-            times[i].append(_once(fns[i], emb))
+    for i, f in enumerate(fns):
+        if f is not None and _once(f, emb) > SLOW_S:
+            times[i].append(_once(f, emb))
             fns[i] = None
     for _ in range(reps):
         for i, f in enumerate(fns):
@@ -170,241 +142,193 @@ def _time_cases(fns: list[Callable | None], emb: torch.Tensor, reps: int) -> lis
     return times
 
 
-def _paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float] | None:
-    """Median and quartiles of num_i / den_i over the reps both were timed in (adjacent in time, so a load change
-    between reps cancels); the median of the two medians' ratio when they were not timed alike (a slow PML path
-    timed once)."""
+def _ratio(num: list[float], den: list[float]) -> tuple[float, float, float] | None:
+    """Median and quartiles of the per-rep ratios (a slow path timed once: the ratio of the medians)."""
     if not num or not den:
         return None
     if len(num) != len(den):
         r = statistics.median(num) / statistics.median(den)
         return r, r, r
     ratios = sorted(a / b for a, b in zip(num, den))
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-    return q[1], q[0], q[2]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
 
 
-def cases(b: int, device: torch.device):
-    """(name, ours(x) -> loss, pml(x) -> loss or None, pml size estimate in elements, note, floor kind)."""
-    import pytorch_metric_learning.losses as pl
-    import pytorch_metric_learning.miners as pm
-
-    y = _labels(b, device)
-    py = y % N_PROXY_CLASSES  # proxy losses: labels in 0..C-1
-    n_pos = b * (PER_CLASS - 1)
-    n_neg = b * (b - PER_CLASS)
-    cube = b * b * b
-    d = 512
-
-    def proxy_pair(ours_cls, pml_cls, **kw):
-        o = ours_cls(N_PROXY_CLASSES, d, **kw).to(device)
-        t = pml_cls(N_PROXY_CLASSES, d, **kw).to(device)
-        return (lambda x: o(x, py)), (lambda x: t(x, py))
-
-    ms_o, ms_p, ms_m = dm.MultiSimilarityLoss(), pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner(0.1)
-    yield ("multi_similarity (+MS mining)", lambda x: ms_o(x, y), lambda x: ms_p(x, y, ms_m(x, y)), n_pos + n_neg, "",
-           "self")
-    ms_nm = dm.MultiSimilarityLoss(mining=False)
-    yield "multi_similarity (no mining)", lambda x: ms_nm(x, y), lambda x: ms_p(x, y), n_pos + n_neg, "", "self"
-    c_o, c_p = dm.ContrastiveLoss(), pl.ContrastiveLoss()
-    yield "contrastive (distance)", lambda x: c_o(x, y), lambda x: c_p(x, y), n_pos + n_neg, "", "self"
-    cm_o, cm_p = dmm.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)
-    yield ("contrastive + ms_miner", lambda x: c_o(x, y, mined=cm_o(x, y)), lambda x: c_p(x, y, cm_p(x, y)),
-           n_pos + n_neg, "", "self")
-    t_o, t_p = dm.TripletMarginLoss(0.05), pl.TripletMarginLoss(0.05)
-    yield "triplet_margin (all triplets)", lambda x: t_o(x, y), lambda x: t_p(x, y), cube, "PML: B³ mask", "self"
-    bh_o, bh_p = dmm.BatchHardMiner(), pm.BatchHardMiner()
-    yield ("triplet_margin + batch_hard", lambda x: t_o(x, y, mined=bh_o(x, y)),
-           lambda x: t_p(x, y, bh_p(x, y)), n_pos + n_neg, "", "self")
-    l_o, l_p = dm.LiftedStructureLoss(), pl.LiftedStructureLoss()
-    yield ("lifted_structure (original)", lambda x: l_o(x, y), lambda x: l_p(x, y), n_pos * n_neg, "PML: P×N matrix",
-           "self")
-    g_o, g_p = dm.LiftedStructureLoss(variant="generalized"), pl.GeneralizedLiftedStructureLoss()
-    yield "lifted_structure (generalized)", lambda x: g_o(x, y), lambda x: g_p(x, y), n_pos + n_neg, "", "self"
-    lm = dm.LiftedStructureLoss(variant="modified")
-    yield "lifted_structure (modified)", lambda x: lm(x, y), None, 0, "no PML equivalent", None
-    bd = dm.BinomialDevianceLoss()
-    yield "binomial_deviance", lambda x: bd(x, y), None, 0, "no PML equivalent", None
-    m_o = dm.MarginLoss(num_classes=b).to(device)
-    m_p = pl.MarginLoss(learn_beta=True, num_classes=b).to(device)
-    yield "margin (all triplets)", lambda x: m_o(x, y), lambda x: m_p(x, y), cube, "PML: B³ mask", "self"
-    dw_o, dw_p = dmm.DistanceWeightedMiner(seed=0), pm.DistanceWeightedMiner()
-    yield ("margin + distance_weighted", lambda x: m_o(x, y, mined=dw_o(x, y)),
-           lambda x: m_p(x, y, dw_p(x, y)), n_pos + n_neg, "PML miner: 1 negative per positive pair", "self")
-    n_o, n_p = dm.NCALoss(), pl.NCALoss()
-    yield "nca", lambda x: n_o(x, y), lambda x: n_p(x, y), b * b, "", "self"
-    w = dm.WeightLoss()
-    yield "weight", lambda x: w(x, y), None, 0, "no PML equivalent", None
-    np_o, np_p = dm.NPairLoss(), pl.NPairsLoss()
-    yield "npair", lambda x: np_o(x, y), lambda x: np_p(x, y), b * b, "", "npair"
-    for name, oc, pc, kw in [
-        ("proxy_nca", dm.ProxyNCALoss, pl.ProxyNCALoss, {}),
-        ("proxy_anchor", dm.ProxyAnchorLoss, pl.ProxyAnchorLoss, {}),
-        ("normalized_softmax", dm.NormalizedSoftmaxLoss, pl.NormalizedSoftmaxLoss, {}),
-        ("arcface", dm.ArcFaceLoss, pl.ArcFaceLoss, {}),
-        ("soft_triple", dm.SoftTripleLoss, pl.SoftTripleLoss, {}),
-    ]:
-        fo, fp = proxy_pair(oc, pc, **kw)
-        floor = "proxies10" if name == "soft_triple" else "proxies"
-        yield name, fo, fp, b * N_PROXY_CLASSES, f"{N_PROXY_CLASSES} classes", floor
+def run_timings(sizes: list[int], threads: list[int], reps: int, rounds: int, device: torch.device,
+                pml_max: float, only: list[str] | None) -> list[dict]:
+    pooled: dict[tuple[int, int, str], dict] = {}
+    for _ in range(rounds):
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for b in sizes:
+                emb = torch.randn(b, DIM, generator=torch.Generator().manual_seed(0)).to(device)
+                for name, ours, pml, size, note, floor in cases(b, device):
+                    if only and not any(name.startswith(o) for o in only):
+                        continue
+                    if pml is not None and size > pml_max:
+                        pml, note = None, f"{note}; PML skipped: ~{size:.1e} index elements".lstrip("; ")
+                    times = _time_interleaved([ours, pml, floor if pml is not None else None], emb, reps)
+                    entry = pooled.setdefault((n_threads, b, name), {"note": note, "times": [[], [], []]})
+                    for acc, t in zip(entry["times"], times):
+                        acc.extend(t)
+    rows = []
+    for (n_threads, b, name), entry in pooled.items():
+        t_ours, t_pml, t_floor = entry["times"]
+        ratio, floor_ratio = _ratio(t_ours, t_pml), _ratio(t_floor, t_pml)
+        rows.append({
+            "loss": name, "threads": n_threads, "B": b, "d": DIM, "note": entry["note"], "samples": len(t_ours),
+            "ours_ms": 1e3 * statistics.median(t_ours),
+            "pml_ms": 1e3 * statistics.median(t_pml) if t_pml else None,
+            "floor_ms": 1e3 * statistics.median(t_floor) if t_floor else None,
+            "ratio": ratio[0] if ratio else None, "ratio_q1": ratio[1] if ratio else None,
+            "ratio_q3": ratio[2] if ratio else None, "floor_ratio": floor_ratio[0] if floor_ratio else None,
+            "goal": 1.0 if name in PROXY_CASES else 0.5,
+        })
+    return rows
 
 
-def run_timings(
-    sizes: list[int], reps: int, device: torch.device, pml_max: float, only: list[str] | None = None,
-    rounds: int = 1,
-) -> list[dict]:
-    """Every case timed ``reps`` times in each of ``rounds`` passes over the case list (a slow phase of a shared
-    machine then falls on different reps of every case); one row per case with the pooled times."""
-    pooled: dict[tuple[int, str], dict] = {}
-    for k in range(rounds):
-        for b in sizes:
-            emb = torch.randn(b, 512, generator=torch.Generator().manual_seed(0)).to(device)
-            for name, ours, pml, size, note, floor_kind in cases(b, device):
-                if only and not any(name.startswith(o) for o in only):
-                    continue
-                if pml is not None and size > pml_max:
-                    pml = None
-                    note = (note + "; " if note else "") + f"PML skipped: ~{size:.1e} index elements"
-                floor = _floor(floor_kind, b, device) if pml is not None and floor_kind else None
-                times = _time_cases([ours, pml, floor], emb, reps)
-                entry = pooled.setdefault((b, name), {"note": note, "times": [[], [], []], "load1": []})
-                for acc, t in zip(entry["times"], times):
-                    acc.extend(t)
-                entry["load1"].append(os.getloadavg()[0])
-                if k == rounds - 1:
-                    r = _row(name, b, entry)
-                    print(_fmt(r), flush=True)
-    return [_row(name, b, e) for (b, name), e in pooled.items()]
+PROXY_CASES = {"proxy_nca", "proxy_anchor", "normalized_softmax", "arcface", "soft_triple"}
 
-
-def _row(name: str, b: int, entry: dict) -> dict:
-    t_ours, t_pml, t_floor = entry["times"]
-
-    def ms(t: list[float]) -> float | None:
-        return 1e3 * statistics.median(t) if t else None
-
-    r = {"loss": name, "B": b, "d": 512, "ours_ms": ms(t_ours), "pml_ms": ms(t_pml), "floor_ms": ms(t_floor),
-         "note": entry["note"], "load1": max(entry["load1"]), "samples": len(t_ours)}
-    ratio = _paired_ratio(t_ours, t_pml)
-    r["ratio"], r["ratio_q1"], r["ratio_q3"] = ratio if ratio else (None, None, None)
-    # the ratio an implementation doing only the dense similarity GEMMs would reach
-    floor = _paired_ratio(t_floor, t_pml)
-    r["floor_ratio"] = floor[0] if floor else None
-    return r
-
-
-def _fmt(r: dict) -> str:
-    def num(v: float | None, fmt: str, width: int) -> str:
-        return format(v, fmt) if v is not None else "-".rjust(width)
-
-    spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if r["ratio"] is not None else "-"
-    return (f"{r['loss']:34s} {r['B']:5d} {r['ours_ms']:9.2f} {num(r['pml_ms'], '9.2f', 9)} "
-            f"{num(r['floor_ms'], '9.2f', 9)} {num(r['ratio'], '6.3f', 6)} {spread:>9s} "
-            f"{num(r['floor_ratio'], '6.3f', 6)}  {r['note']}")
-
+MEMORY_CASES = {
+    "multi_similarity": "dm.MultiSimilarityLoss()(x, y)",
+    "multi_similarity + ms_miner": "dm.MultiSimilarityLoss(mining=False)(x, y, mined=dmm.MultiSimilarityMiner()(x, y))",
+    "weight": "dm.WeightLoss()(x, y)",
+    "contrastive": "dm.ContrastiveLoss()(x, y)",
+    "contrastive (similarity)": "dm.ContrastiveLoss(form='similarity')(x, y)",
+    "contrastive + ms_miner": "dm.ContrastiveLoss()(x, y, mined=dmm.MultiSimilarityMiner()(x, y))",
+    "triplet_margin (all triplets)": "dm.TripletMarginLoss()(x, y)",
+    "triplet_margin + batch_hard": "dm.TripletMarginLoss()(x, y, mined=dmm.BatchHardMiner()(x, y))",
+    "triplet_margin + semi_hard": "dm.TripletMarginLoss(0.2, squared=True)(x, y, mined=dmm.SemiHardMiner(seed=0)(x, y))",
+    "lifted_structure (original)": "dm.LiftedStructureLoss()(x, y)",
+    "lifted_structure (generalized)": "dm.LiftedStructureLoss(variant='generalized')(x, y)",
+    "lifted_structure (modified)": "dm.LiftedStructureLoss(variant='modified', mining=True)(x, y)",
+    "binomial_deviance": "dm.BinomialDevianceLoss()(x, y)",
+    "margin (all triplets)": "dm.MarginLoss(num_classes=b)(x, y)",
+    "margin + distance_weighted": "dm.MarginLoss(num_classes=b)(x, y, mined=dmm.DistanceWeightedMiner(seed=0)(x, y))",
+    "nca": "dm.NCALoss()(x, y)",
+    "npair": "dm.NPairLoss()(x, y)",
+    "proxy_nca": "dm.ProxyNCALoss(100, 512)(x, y % 100)",
+    "proxy_anchor": "dm.ProxyAnchorLoss(100, 512)(x, y % 100)",
+    "normalized_softmax": "dm.NormalizedSoftmaxLoss(100, 512)(x, y % 100)",
+    "arcface": "dm.ArcFaceLoss(100, 512)(x, y % 100)",
+    "soft_triple": "dm.SoftTripleLoss(100, 512)(x, y % 100)",
+}
 
 MEMORY_SNIPPET = """
 import sys, torch
 from deepmetric import losses as dm, miners as dmm
 torch.manual_seed(0)
-b, case = int(sys.argv[1]), sys.argv[2]
-x = torch.randn(b, 512, requires_grad=True); y = torch.arange(b) // 4
-dm.MultiSimilarityLoss()(x[:8], y[:8]).backward()  # load lazily-initialised kernels before measuring
+b, expr = int(sys.argv[1]), sys.argv[2]
+x = torch.randn(b, 512, requires_grad=True)
+y = torch.arange(b) // 4
+small_x, small_y = x[:8].detach().requires_grad_(), y[:8]
+def run(x, y):
+    eval(expr).backward()
+run(small_x, small_y)  # load lazily initialised kernels before measuring
 def status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1])
-try:  # reset the peak-RSS high-water mark (VmHWM) so that import-time peaks do not count
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size
 base = status_kib("VmRSS")
-if case == "multi_similarity":
-    dm.MultiSimilarityLoss()(x, y).backward()
-elif case == "contrastive+ms_miner":
-    dm.ContrastiveLoss()(x, y, mined=dmm.MultiSimilarityMiner()(x, y)).backward()
-elif case == "triplet+semi_hard":
-    dm.TripletMarginLoss(0.2, squared=True)(x, y, mined=dmm.SemiHardMiner(seed=0)(x, y)).backward()
-elif case == "triplet (all triplets)":
-    dm.TripletMarginLoss(0.05)(x, y).backward()
+run(x, y)
 print((status_kib("VmHWM") - base) / 1024.0)
 """
 
 
-def run_memory(b: int) -> list[dict]:
-    """Peak RSS (VmHWM, reset before the call) above the pre-call RSS, in MiB, of one forward+backward in a fresh
-    subprocess (Linux /proc)."""
+def run_memory(b: int, only: list[str] | None) -> list[dict]:
     rows = []
-    for case in ["multi_similarity", "contrastive+ms_miner", "triplet+semi_hard", "triplet (all triplets)"]:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET, str(b), case], capture_output=True, text=True,
-                             check=True)
+    for name, expr in MEMORY_CASES.items():
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        out = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET, str(b), expr], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         mib = float(out.stdout.strip().splitlines()[-1])
-        rows.append({"case": case, "B": b, "d": 512, "peak_extra_mib": mib, "under_2gb": mib < 2048})
-        print(f"memory {case:26s} B={b}: +{mib:8.1f} MiB", flush=True)
+        rows.append({"loss": name, "B": b, "d": DIM, "peak_extra_mib": round(mib, 1), "under_2gb": mib < 2048})
+        print(f"memory  {name:34s} B={b}: {mib:8.1f} MiB", flush=True)
     return rows
 
 
-def _host() -> dict:
-    """What the ratios depend on besides the code: the CPU model, its vector extensions, and the BLAS torch uses
-    (the same code measured MS at B = 1024 at 0.27 on one host and 0.36 on another, an AMD EPYC whose MKL GEMM is
-    relatively slower)."""
+def host() -> dict:
+    """What the ratios depend on besides the code: CPU model and vector extensions, torch's BLAS and threads."""
     model, flags = platform.processor(), []
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and ":" in line:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and ":" in line:
-                flags = [f for f in line.split(":", 1)[1].split()
-                         if f.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma"))]
+                flags = sorted({f for f in line.split(":", 1)[1].split()
+                                if f.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma"))})
                 break
     except OSError:
         pass
-    blas = next((ln.strip() for ln in torch.__config__.show().splitlines() if "BLAS_INFO" in ln), "")
-    return {"cpu_model": model, "cpu_flags": sorted(set(flags)),
-            "blas": blas.split("BLAS_INFO=")[1].split(",")[0] if "BLAS_INFO=" in blas else None}
+    config = torch.__config__.show()
+
+    def setting(pattern: str) -> str | None:
+        found = re.search(pattern, config)
+        return found.group(1).strip() if found else None
+
+    return {"cpu_model": model, "cpu_flags": flags, "cpu_count": os.cpu_count(), "blas": setting(r"BLAS_INFO=([^,]+)"),
+            "lapack": setting(r"LAPACK_INFO=([^,]+)"), "cpu_capability": setting(r"CPU capability usage: (\S+)"),
+            "blas_library": setting(r"(Intel\(R\) oneAPI Math Kernel Library[^\n]*|OpenBLAS[^\n]*)"),
+            "parallel": torch.__config__.parallel_info().splitlines()[1:4], "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def _fmt(r: dict) -> str:
+    def num(v: float | None, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-"
+
+    spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if r["ratio"] is not None else "-"
+    return (f"{r['loss']:34s} {r['threads']:>2d} {r['B']:5d} {r['ours_ms']:9.2f} {num(r['pml_ms'], '9.2f'):>9s} "
+            f"{num(r['ratio'], '6.3f'):>6s} {spread:>9s} {num(r['floor_ratio'], '6.3f'):>6s}  {r['note']}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="B=180 only, 5 repetitions, memory at B=1024")
+    ap.add_argument("--small", action="store_true", help="B=180 only, 5 reps, 1 round, memory at B=1024")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None, help="batch sizes (default 180 1024)")
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="torch CPU thread counts")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case and round")
     ap.add_argument("--rounds", type=int, default=None, help="passes over the case list (times pooled)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
     ap.add_argument("--only", nargs="*", default=None, help="only the cases whose name starts with one of these")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-batch", type=int, default=None, help="batch size of the memory runs (default 4096)")
     ap.add_argument("--pml-max-elements", type=float, default=3e8,
                     help="skip a PML case whose index lists/masks would exceed this many elements")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "losses.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sizes = [180] if args.small else [180, 1024]
+    sizes = args.sizes or ([180] if args.small else [180, 1024])
     reps = args.reps or (5 if args.small else 7)
-    rounds = args.rounds or (1 if args.small else 3)
+    rounds = args.rounds or (1 if args.small else 2)
+    out = Path(args.out or Path(__file__).parent / "results" / ("losses_small.json" if args.small else "losses.json"))
     load_before = os.getloadavg()
-    print(f"{'loss':34s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'floor ms':>9s} {'ratio':>6s} {'q1-q3':>9s} "
+    rows = run_timings(sizes, args.threads, reps, rounds, device, args.pml_max_elements, args.only)
+    print(f"{'loss':34s} {'th':>2s} {'B':>5s} {'ours ms':>9s} {'PML ms':>9s} {'ratio':>6s} {'q1-q3':>9s} "
           f"{'floor':>6s}  note")
-    rows = run_timings(sizes, reps, device, args.pml_max_elements, args.only, rounds)
-    mem = [] if args.no_memory else run_memory(1024 if args.small else 4096)
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    for r in rows:
+        print(_fmt(r))
+    memory_b = args.memory_batch or (1024 if args.small else 4096)
+    memory = [] if args.no_memory else run_memory(memory_b, args.only)
     result = {
-        "device": str(device), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), **_host(), "repetitions": reps, "rounds": rounds,
-        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-        "protocol": ("ours/PML/floor interleaved per rep, one warm-up each per round, threads pinned; times: median "
-                     "over all reps of all rounds; ratio: median (and quartiles) of the per-rep ratios"),
-        "timings": rows, "memory": mem,
-        "median_ratio": statistics.median(ratios) if ratios else None,
+        "host": host(), "device": str(device), "sizes": sizes, "threads": args.threads, "repetitions": reps,
+        "rounds": rounds, "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "protocol": ("ours / PML / GEMM floor interleaved rep by rep after one warm-up each, rounds pooled; time: "
+                     "median; ratio: median and quartiles of the per-rep ratios ours/PML"),
+        "memory_method": ("peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before one forward+backward, "
+                          "fresh subprocess per loss, 1 thread"),
+        "timings": rows, "memory": memory,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    if result["median_ratio"] is not None:
-        print(f"median ours/PML time ratio: {result['median_ratio']:.3f}")
-    print(f"host: {result['cpu_model']} ({', '.join(result['cpu_flags'])}), BLAS {result['blas']}")
-    print(f"load average before {load_before}, after {result['loadavg_after']}; wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    h = result["host"]
+    print(f"host: {h['cpu_model']} ({', '.join(h['cpu_flags'])}), {h['cpu_count']} CPUs, BLAS {h['blas']}; "
+          f"load average before {load_before[0]:.2f}, after {result['loadavg_after'][0]:.2f}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,31 @@
-"""Cross-batch memory benchmark: step time and peak memory of the loss with and without a 55,000 × 512 memory.
+"""Cross-batch memory benchmark: one training step of the loss with a 55,000 × 512 memory, against PML.
 
-    python benchmarks/xbm.py                 # M = 55,000, d = 512, B = 180 (XBM's SOP setting), MS + contrastive
+    python benchmarks/xbm.py                 # M = 55,000, d = 512, B = 180 (XBM's SOP setting), 1 and 2 threads
     python benchmarks/xbm.py --small         # M = 5,000, fewer repetitions (CI smoke run)
-    python benchmarks/xbm.py --pml           # also PML's CrossBatchMemory(ContrastiveLoss) for comparison
 
-Measured: the loss part of a training step only — forward + backward with the embeddings a leaf tensor that
-requires grad (no backbone) — median over ``--reps`` steps after one warm-up. The memory is filled before timing,
-so every timed step uses all M rows (the steady state after the first M/B steps).
+Compared: ``deepmetric.memory.CrossBatchMemory`` and PML's ``CrossBatchMemory`` around the same loss — the
+distance-form contrastive loss with PML's defaults (m_pos 0, m_neg 1, L2-normalised Euclidean distance,
+average over non-zero terms) — without and with PML-equivalent multi-similarity mining (ε = 0.1) on
+(batch vs memory). deepmetric runs with ``include_batch_loss=False``, i.e. PML's single "batch vs memory" term,
+so both compute the same number (reported: the largest |difference| of the step losses).
 
-Peak memory is honest: every case runs in its own subprocess and reports ``ru_maxrss`` (the process's peak
-resident set, including the ~M·d·4 bytes of the memory buffer), its RSS just before the timed steps, and the
-largest tensor produced by any operator during one step, forward and backward (recorded with a
-``TorchDispatchMode``), next to B·R and R·d (R = reference rows: M with memory, B without): it is at most
-max(B·R, R·d), i.e. no B×M×M tensor exists (that would be 180 × 55,000² floats ≈ 2.2 TB).
+Measured: the loss part of a training step — enqueue + forward + backward, the embeddings a leaf tensor that
+requires grad (no backbone). Both memories are filled with the same rows before timing, so every timed step uses
+all M rows (the steady state). Each case runs ``--runs`` times, each run in its own fresh process (deepmetric and
+PML runs interleaved, so a busy machine slows both alike), ``--reps`` timed steps per run after one warm-up; the
+table shows the median over all timed steps and the spread of the per-run medians.
 
-Prints a table and writes benchmarks/results/xbm.json (``--small``: xbm_small.json).
+Peak memory per run: ``ru_maxrss`` of the process (including the ~M·d·4 bytes of the memory buffer), its RSS
+just before the timed steps, and the largest tensor produced by any operator during one step, forward and
+backward (recorded with a ``TorchDispatchMode``), next to B·M and M·d: no B×M×M tensor ever exists.
+
+Prints a table and writes benchmarks/results/xbm.json (``--small``: xbm_small.json) with the host's details.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -36,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 N_CLASSES = 11_318  # SOP training classes: memory labels are drawn from them
 PER_CLASS = 5       # batch = B/5 classes × 5 images
+EPSILON = 0.1       # multi-similarity mining
 
 
 class LargestOutput(TorchDispatchMode):
@@ -58,20 +65,28 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _make_loss(name: str):
-    from deepmetric.losses import ContrastiveLoss, MultiSimilarityLoss
+def _build(case: dict[str, Any]) -> tuple[Any, Any]:
+    """(criterion, enqueue(embeddings, labels)) for one implementation."""
+    d, m, mined = case["dim"], case["memory"], case["miner"]
+    if case["impl"] == "pml":
+        from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory
+        from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-    if name == "ms":  # authors' code defaults (methods.md §4.2)
-        return MultiSimilarityLoss(alpha=2.0, beta=40.0, base=0.5, epsilon=0.1)
-    if name == "contrastive":  # XBM's headline loss (§4.4): Σ(1 − S_ap) + Σ_{S_an > 0.5} S_an, ÷ B
-        return ContrastiveLoss(1.0, 0.5, form="similarity")
-    raise ValueError(name)
+        criterion = CrossBatchMemory(ContrastiveLoss(pos_margin=0.0, neg_margin=1.0), embedding_size=d,
+                                     memory_size=m, miner=MultiSimilarityMiner(EPSILON) if mined else None)
+        return criterion, lambda e, y: criterion.add_to_memory(e, y, len(e))
+    from deepmetric.losses import ContrastiveLoss
+    from deepmetric.memory import CrossBatchMemory
+    from deepmetric.miners import MultiSimilarityMiner
+
+    criterion = CrossBatchMemory(ContrastiveLoss(form="distance"), MultiSimilarityMiner(EPSILON) if mined else None,
+                                 embedding_size=d, memory_size=m, include_batch_loss=False)
+    return criterion, criterion.enqueue
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """One case in this (fresh) process."""
+    """One run of one case, in this (fresh) process."""
     torch.set_num_threads(case["threads"])
-    torch.manual_seed(0)
     b, d, m = case["batch"], case["dim"], case["memory"]
     g = torch.Generator().manual_seed(0)
 
@@ -80,53 +95,56 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         emb = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
         return emb, classes.repeat_interleave(PER_CLASS)
 
-    if case["impl"] == "pml":
-        from pytorch_metric_learning.losses import ContrastiveLoss as PmlContrastive
-        from pytorch_metric_learning.losses import CrossBatchMemory as PmlXBM
-
-        criterion = PmlXBM(PmlContrastive(pos_margin=1.0, neg_margin=0.5), embedding_size=d, memory_size=m)
-        for _ in range(-(-m // b)):  # fill the queue without computing the loss
-            e, y = batch()
-            criterion.add_to_memory(e, y, b)
-        assert criterion.has_been_filled
-    else:
-        from deepmetric.memory import CrossBatchMemory
-
-        loss = _make_loss(case["loss"])
-        if m:
-            criterion = CrossBatchMemory(loss, embedding_size=d, memory_size=m)
-            with torch.no_grad():  # fill the ring so every timed step sees all M rows
-                for _ in range(-(-m // b)):
-                    e, y = batch()
-                    criterion.enqueue(e, y)
-            assert criterion.is_full
-        else:
-            criterion = loss
-
-    steps = [batch() for _ in range(case["reps"] + 1)]
+    criterion, enqueue = _build(case)
+    with torch.no_grad():  # the same rows in both rings: every timed step sees all M of them
+        for _ in range(-(-m // b)):
+            enqueue(*batch())
+    steps = [batch() for _ in range(case["reps"] + 2)]  # fresh rows each step: no duplicates in the ring
     rss_before = _rss_mb()
-    times = []
-    for i, (e, y) in enumerate(steps):
+    times, losses = [], []
+    for i, (e, y) in enumerate(steps[:-1]):
         x = e.clone().requires_grad_(True)
         t0 = time.perf_counter()
-        criterion(x, y).backward()
+        loss = criterion(x, y)
+        loss.backward()
+        elapsed = time.perf_counter() - t0
+        losses.append(float(loss.detach()))
         if i:  # the first step is a warm-up
-            times.append(time.perf_counter() - t0)
+            times.append(elapsed)
     spy = LargestOutput()
-    x = steps[0][0].clone().requires_grad_(True)
+    x = steps[-1][0].clone().requires_grad_(True)
     with spy:
-        criterion(x, steps[0][1]).backward()
+        criterion(x, steps[-1][1]).backward()
     return {
         **case,
+        "step_ms": [1e3 * t for t in times],
         "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "max_ms": 1e3 * max(times),
+        "losses": losses,
         "rss_before_steps_mb": rss_before,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_tensor_numel": spy.max_numel,
         "largest_tensor_op": spy.op,
-        "B_times_R": b * max(m, b),
-        "R_times_d": max(m, b) * d,
+        "B_times_M": b * m,
+        "M_times_d": m * d,
+    }
+
+
+def host_info() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import pytorch_metric_learning
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+        "note": "loss enqueue + forward + backward only; embeddings are a leaf tensor; shared machine",
     }
 
 
@@ -136,9 +154,9 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=None)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=180)
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--pml", action="store_true", help="also time PML's CrossBatchMemory (contrastive)")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per run")
+    parser.add_argument("--runs", type=int, default=None, help="fresh processes per case")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print JSON
     args = parser.parse_args()
     if args.case:
@@ -146,40 +164,53 @@ def main() -> None:
         return
 
     memory = args.memory or (5_000 if args.small else 55_000)
-    reps = args.reps or (5 if args.small else 15)
-    base = {"batch": args.batch, "dim": args.dim, "reps": reps, "threads": args.threads}
-    cases = []
-    for loss in ("ms", "contrastive"):
-        cases.append({**base, "impl": "deepmetric", "loss": loss, "memory": 0})
-        cases.append({**base, "impl": "deepmetric", "loss": loss, "memory": memory})
-    if args.pml:
-        cases.append({**base, "impl": "pml", "loss": "contrastive", "memory": memory})
+    reps, runs = args.reps or (3 if args.small else 5), args.runs or (1 if args.small else 3)
+    meta = {**host_info(), "batch": args.batch, "dim": args.dim, "memory": memory, "reps": reps, "runs": runs}
+    results: list[dict[str, Any]] = []
+    print(f"B={args.batch}, d={args.dim}, M={memory}, {reps} steps × {runs} runs per case, {meta['cpu']}, "
+          f"torch {torch.__version__}, PML {meta['pytorch_metric_learning']}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        for miner in (False, True):
+            for run in range(runs):
+                for impl in ("deepmetric", "pml"):
+                    case = {"impl": impl, "miner": miner, "threads": threads, "run": run, "batch": args.batch,
+                            "dim": args.dim, "memory": memory, "reps": reps}
+                    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env,
+                                          capture_output=True, text=True, check=False)
+                    if proc.returncode:
+                        raise SystemExit(f"case {case} failed:\n{proc.stderr[-2000:]}")
+                    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    meta["load_average_at_end"] = list(os.getloadavg())
 
-    results = []
-    header = f"{'impl':<11}{'loss':<12}{'memory':>8}{'median ms':>11}{'min ms':>9}{'RSS before MB':>15}" \
-             f"{'peak RSS MB':>13}{'largest tensor':>16}{'B·R':>12}{'R·d':>12}"
-    print(f"B={args.batch}, d={args.dim}, threads={args.threads}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
-    print(header)
-    for case in cases:
-        proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
-                              text=True, check=False)
-        if proc.returncode:
-            print(f"case {case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            results.append({**case, "error": proc.stderr[-2000:]})
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(f"{r['impl']:<11}{r['loss']:<12}{r['memory']:>8}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
-              f"{r['rss_before_steps_mb']:>15.0f}{r['peak_rss_mb']:>13.0f}{r['largest_tensor_numel']:>16,}"
-              f"{r['B_times_R']:>12,}{r['R_times_d']:>12,}")
+    summary = []
+    print(f"{'threads':>7} {'miner':<6}{'impl':<11}{'median ms':>10}{'run medians ms':>24}{'peak RSS MB':>13}"
+          f"{'largest tensor':>16}{'ratio':>7}{'max |ΔL|':>10}")
+    for threads in sorted({r["threads"] for r in results}):
+        for miner in (False, True):
+            rows = {impl: [r for r in results if r["impl"] == impl and r["miner"] == miner
+                           and r["threads"] == threads] for impl in ("deepmetric", "pml")}
+            medians = {impl: statistics.median([t for r in rs for t in r["step_ms"]]) for impl, rs in rows.items()}
+            diff = max(abs(a - b) for ra, rb in zip(rows["deepmetric"], rows["pml"])
+                       for a, b in zip(ra["losses"], rb["losses"]))
+            ratio = medians["deepmetric"] / medians["pml"]
+            for impl, rs in rows.items():
+                runs_ms = ", ".join(f"{r['median_ms']:.0f}" for r in rs)
+                peak = max(r["peak_rss_mb"] for r in rs)
+                print(f"{threads:>7} {'MS' if miner else '-':<6}{impl:<11}{medians[impl]:>10.1f}{runs_ms:>24}"
+                      f"{peak:>13.0f}{rs[0]['largest_tensor_numel']:>16,}"
+                      + (f"{ratio:>7.2f}{diff:>10.1e}" if impl == "pml" else ""))
+                summary.append({"threads": threads, "miner": "multi_similarity" if miner else None, "impl": impl,
+                                "median_ms": medians[impl], "run_median_ms": [r["median_ms"] for r in rs],
+                                "peak_rss_mb": peak, "rss_before_steps_mb": max(r["rss_before_steps_mb"] for r in rs),
+                                "largest_tensor_numel": rs[0]["largest_tensor_numel"],
+                                "ratio_to_pml": ratio if impl == "deepmetric" else 1.0,
+                                "max_abs_loss_difference": diff})
 
     out = Path(__file__).parent / "results" / ("xbm_small.json" if args.small else "xbm.json")
     out.parent.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "note": "loss forward+backward only; embeddings are a leaf tensor"}
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=2))
     tmp.replace(out)
     print(f"wrote {out}")
 

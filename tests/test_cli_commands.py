@@ -89,3 +89,11 @@ def test_report_cli_prints_written_path(tmp_path, capsys):
     assert out.is_file()
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
+
+
+def test_train_refuses_a_bad_config_value_without_a_traceback(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--set", "train.protocol=test"]) == 2
+    err = capsys.readouterr().err
+    assert "train.protocol" in err and "'validation', 'legacy'" in err and "Traceback" not in err
+    assert not out.exists()  # refused before the run directory is created

@@ -58,7 +58,7 @@ def test_folder_errors(tmp_path):
 
 
 def _csv(tmp_path, body, header="label,path,split,is_query,is_gallery"):
-    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"):
         tiny_jpeg(tmp_path / "imgs" / name)
     (tmp_path / "df.csv").write_text(header + "\n" + body)
     return tmp_path / "df.csv"
@@ -162,7 +162,8 @@ def test_reality_check_folds_not_divisible_matches_mlrc_lengths():
 
 
 def _cfg(name, root, **kw):
-    base = {"dataset": name, "root": str(root), "validation_fraction": 0.25, "max_classes": None}
+    base = {"dataset": name, "root": str(root), "validation_fraction": 0.25, "max_classes": None,
+            "on_bad_image": "error", "allow_duplicate_paths": False}
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -198,7 +199,7 @@ def test_bundle_inshop_query_gallery(tmp_path):
 def test_bundle_csv_uses_its_validation_rows_and_query_gallery_flags(tmp_path):
     body = (
         "0,imgs/a.jpg,train,,\n1,imgs/b.jpg,train,,\n7,imgs/c.jpg,validation,1,1\n"
-        "5,imgs/c.jpg,test,1,0\n5,imgs/d.jpg,test,0,1\n6,imgs/a.jpg,test,0,1\n"
+        "5,imgs/e.jpg,test,1,0\n5,imgs/d.jpg,test,0,1\n6,imgs/f.jpg,test,0,1\n"
     )
     _csv(tmp_path, body)
     b = build_benchmark_data(_cfg("csv", tmp_path / "df.csv"), None, None)

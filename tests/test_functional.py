@@ -63,3 +63,21 @@ def test_zero_loss_has_zero_gradient() -> None:
     z = F.zero_loss(x)
     z.backward()
     assert float(z.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_gram_matrix_accumulates_half_inputs_in_float32_under_autocast() -> None:
+    x = _x().float()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        g = F.gram_matrix(x, x)
+    assert g.dtype == torch.float32 and torch.allclose(g, x @ x.t())
+
+
+def test_masked_logsumexp_is_stable_and_exact() -> None:
+    x = torch.tensor([[0.0, -200.0, 300.0, 1.0], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    lse = F.masked_logsumexp(x, m)
+    assert torch.allclose(lse[0], torch.logsumexp(torch.tensor([0.0, -200.0, 1.0], dtype=torch.float64), 0))
+    assert lse[1] < -1e29 and torch.isfinite(lse[1])  # empty row: very negative but finite
+    (lse[0] + 0.0 * lse[1]).backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad[1].abs().sum()) == 0.0 and float(x.grad[0, 2]) == 0.0
+    assert float(F.masked_logsumexp(x.detach() * 100, m, add_one=True)[1]) == 0.0

@@ -55,6 +55,15 @@ def test_gradcheck_float64(spec: str) -> None:
     assert torch.autograd.gradcheck(lambda x, *ps: loss(x, labels), (emb, *params), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_double_backward_float64(name: str) -> None:
+    # autograd does every backward, so second derivatives (gradient penalties, meta-learning) are available
+    loss = make(name).double()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    emb = torch.randn(7, DIM, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: loss(x, labels), (emb,), eps=1e-6, atol=1e-4)
+
+
 def _edge_batches() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     return {

@@ -135,9 +135,9 @@ def test_self_pairs_excluded_by_slot_even_with_exact_duplicates() -> None:
     counter(emb, lab)
     # memory labels [0,1, 0,0,1,1]; positives by anchor (own slot excluded): row0: slot0 + row1's copy = 2,
     # row1: 2, row2: slot1 + row3 = 2, row3: 2. The exact duplicate (rows 0/1, S = 1) is kept.
-    assert float(counter.last_memory_loss) == 8.0
+    assert float(counter.last_logs["memory_loss"]) == 8.0
     # the in-batch term also keeps the duplicate pair (0, 1): positives (0,1), (1,0), (2,3), (3,2)
-    assert float(counter.last_batch_loss) == 4.0
+    assert float(counter.last_logs["batch_loss"]) == 4.0
 
 
 def test_partial_enqueue_count_fraction_and_mask() -> None:
@@ -171,12 +171,12 @@ def test_start_iteration_gating_default_enqueues_only_when_active() -> None:
         n_calls = len(spy.calls)
         loss = xbm(emb, lab)
         assert len(spy.calls) == n_calls + 1  # batch term only
-        assert xbm.last_memory_loss is None and torch.equal(loss, xbm.last_batch_loss)
+        assert xbm.last_logs.get("memory_loss") is None and torch.equal(loss, xbm.last_logs["batch_loss"])
         assert int(xbm.num_filled) == 0
     loss = xbm(*data[2])  # step 3 > start_iteration 2: enqueue, then memory = this batch only
     assert int(xbm.iteration) == 3 and int(xbm.num_filled) == 2
     assert spy.calls[-1]["ref"].shape[0] == 2
-    torch.testing.assert_close(loss, xbm.last_batch_loss + 0.5 * xbm.last_memory_loss)
+    torch.testing.assert_close(loss, xbm.last_logs["batch_loss"] + 0.5 * xbm.last_logs["memory_loss"])
 
 
 def test_fill_during_warmup_and_memory_only_mode() -> None:
@@ -186,13 +186,13 @@ def test_fill_during_warmup_and_memory_only_mode() -> None:
     data = batches(3, 2, seed=5)
     for emb, lab in data[:2]:
         xbm(emb, lab)
-        assert xbm.last_memory_loss is None
+        assert xbm.last_logs.get("memory_loss") is None
     assert int(xbm.num_filled) == 4
     n_calls = len(spy.calls)
     loss = xbm(*data[2])
     assert len(spy.calls) == n_calls + 1  # memory term only
     assert spy.calls[-1]["ref"].shape[0] == 6
-    assert xbm.last_batch_loss is None and torch.equal(loss, xbm.last_memory_loss)
+    assert xbm.last_logs.get("batch_loss") is None and torch.equal(loss, xbm.last_logs["memory_loss"])
 
 
 def test_eval_mode_reads_without_changing_state() -> None:
@@ -202,7 +202,7 @@ def test_eval_mode_reads_without_changing_state() -> None:
     before = {k: v.clone() for k, v in xbm.state_dict().items()}
     xbm.eval()
     xbm(*data[1])
-    assert xbm.last_memory_loss is not None
+    assert xbm.last_logs.get("memory_loss") is not None
     for key, value in xbm.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -222,9 +222,9 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="one label per row"):
         xbm(torch.randn(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="not both"):
-        CrossBatchMemory(SpyLoss(), 3, 5, enqueue_fraction=0.5, enqueue_count=2)
+        CrossBatchMemory(SpyLoss(), embedding_size=3, memory_size=5, enqueue_fraction=0.5, enqueue_count=2)
     with pytest.raises(ValueError, match="enqueue_fraction"):
-        CrossBatchMemory(SpyLoss(), 3, 5, enqueue_fraction=0.0)
+        CrossBatchMemory(SpyLoss(), embedding_size=3, memory_size=5, enqueue_fraction=0.0)
     with pytest.raises(ValueError, match="enqueue_mask"):
         xbm(torch.randn(2, 3), torch.tensor([0, 1]), enqueue_mask=torch.tensor([1, 0]))
 
@@ -276,8 +276,8 @@ def test_ms_plus_xbm_equals_brute_force() -> None:
     l_batch = _ms_brute_force(b2, labels2, b2, labels2, [0, 1, 2], alpha, beta, lam, eps)
     l_memory = _ms_brute_force(b2, labels2, memory, memory_labels, own_slot, alpha, beta, lam, eps)
     assert l_memory > 0 and l_batch > 0 and abs(l_memory - l_batch) > 1e-3  # the memory term is not a copy
-    assert float(xbm.last_batch_loss) == pytest.approx(l_batch, abs=1e-10)
-    assert float(xbm.last_memory_loss) == pytest.approx(l_memory, abs=1e-10)
+    assert float(xbm.last_logs["batch_loss"]) == pytest.approx(l_batch, abs=1e-10)
+    assert float(xbm.last_logs["memory_loss"]) == pytest.approx(l_memory, abs=1e-10)
     assert float(loss.detach()) == pytest.approx(l_batch + weight * l_memory, abs=1e-10)
     loss.backward()
     assert torch.isfinite(emb2.grad).all() and emb2.grad.abs().sum() > 0

@@ -55,8 +55,8 @@ def test_recipe_builds_and_runs_two_steps(path: Path, dataset_roots, tmp_path):
     # 2 classes × 2 images keep two 224-px steps of a ResNet-50 cheap on a CPU; the recipe's own sampler
     # variant, transforms, model, loss, miner, memory and synthesis are still the ones built and run.
     overrides += ["data.m_per_class=2", "data.batch_size=4"]
-    if base.memory.enabled:
-        overrides.append("memory.memory_size=64")
+    if base.memory.name:
+        overrides.append("memory.params.memory_size=64")
     config = load_config(path, overrides)
     trainer = Trainer(config, create_run_dir(tmp_path / "run"))
     assert isinstance(trainer.model, torch.nn.Module)

@@ -77,6 +77,11 @@ def test_recipe_is_valid_and_uses_registered_components(path: Path):
         assert set(cfg.loss.miner_params) <= accepted(MINERS[cfg.loss.miner]), f"{path}: bad loss.miner_params"
     if cfg.synthesis.name:
         assert set(cfg.synthesis.params) <= accepted(SYNTHESIS[cfg.synthesis.name]), f"{path}: bad synthesis.params"
+    if cfg.memory.name is not None:
+        from deepmetric.memory import MEMORIES
+
+        assert cfg.memory.name in MEMORIES, f"{path}: memory {cfg.memory.name!r} not in MEMORIES"
+        assert set(cfg.memory.params) <= accepted(MEMORIES[cfg.memory.name]), f"{path}: bad memory.params"
 
 
 def test_legacy_only_where_reproducing_published_numbers():

@@ -92,14 +92,16 @@ def test_empty_bank_gives_zero_shift_and_scales_lie_in_range():
 def test_wrapper_shapes_every_row_an_anchor_and_mts_scaling():
     torch.manual_seed(1)
     base = MultiSimilarityLoss(mining=False)
-    das = DAS(base, 4, 8, num_produce=3, seed=7)
+    das = DAS(base, num_classes=4, embedding_size=8, num_produce=3, seed=7)
     e, y = l2_normalize(torch.randn(8, 8)), torch.arange(8) % 4
     e_all, y_all, is_syn = das.producer(e, y)
     assert e_all.shape == (32, 8) and y_all.tolist() == y.tolist() * 4 and int(is_syn.sum()) == 24
     torch.testing.assert_close(e_all[8:].norm(dim=1), torch.ones(24))
     # wrapper = base loss on [E; Ẽ¹; Ẽ²; Ẽ³] (all rows anchors) with the same draws
-    loss, logs = DAS(base, 4, 8, num_produce=3, seed=7)(e, y)
-    expected = base(*DAS(base, 4, 8, num_produce=3, seed=7).producer(e, y)[:2])
+    das = DAS(base, num_classes=4, embedding_size=8, num_produce=3, seed=7)
+    loss = das(e, y)
+    logs = das.last_logs
+    expected = base(*DAS(base, num_classes=4, embedding_size=8, num_produce=3, seed=7).producer(e, y)[:2])
     torch.testing.assert_close(loss, expected)
     assert logs["loss"] == pytest.approx(float(loss)) and logs["das_mean_shift"] > 0
 
@@ -108,9 +110,9 @@ def test_zero_produce_gives_base_loss_and_aux_loss_formula():
     torch.manual_seed(2)
     base = MultiSimilarityLoss(mining=False)
     e, y = l2_normalize(torch.randn(8, 6)), torch.arange(8) % 4
-    assert torch.equal(DAS(base, 4, 6, num_produce=0)(e, y)[0], base(e, y))
-    aux = DAS(base, 4, 6, aux_loss=True, aux_loss_weight=0.3, seed=4)(e, y)[0]
-    e_all, y_all, _ = DAS(base, 4, 6, seed=4).producer(e, y)
+    assert torch.equal(DAS(base, num_classes=4, embedding_size=6, num_produce=0)(e, y), base(e, y))
+    aux = DAS(base, num_classes=4, embedding_size=6, aux_loss=True, aux_loss_weight=0.3, seed=4)(e, y)
+    e_all, y_all, _ = DAS(base, num_classes=4, embedding_size=6, seed=4).producer(e, y)
     torch.testing.assert_close(aux, base(e, y) + 0.3 * base(e_all, y_all))
 
 
@@ -130,13 +132,14 @@ def test_exclude_own_copies_option_masks_same_source_pairs():
             return emb.sum()
 
     rec = Rec()
-    DAS(rec, 2, 4, num_produce=2, exclude_own_copies=True)(l2_normalize(torch.randn(3, 4)), torch.tensor([0, 1, 0]))
+    das = DAS(rec, num_classes=2, embedding_size=4, num_produce=2, exclude_own_copies=True)
+    das(l2_normalize(torch.randn(3, 4)), torch.tensor([0, 1, 0]))
     idx = torch.arange(9) % 3
     assert torch.equal(rec.mask, idx.unsqueeze(1) == idx.unsqueeze(0))
 
 
 def test_statistics_update_only_in_training_mode():
-    das = DAS(MultiSimilarityLoss(mining=False), 2, 4)
+    das = DAS(MultiSimilarityLoss(mining=False), num_classes=2, embedding_size=4)
     e, y = l2_normalize(torch.randn(4, 4)), torch.tensor([0, 0, 1, 1])
     das.eval()
     das(e, y)
@@ -149,19 +152,19 @@ def test_statistics_update_only_in_training_mode():
 def test_state_dict_round_trip_gives_identical_next_outputs():
     torch.manual_seed(3)
     base = MultiSimilarityLoss(mining=False)
-    das = DAS(base, 5, 8, seed=11)
+    das = DAS(base, num_classes=5, embedding_size=8, seed=11)
     for _ in range(3):
         das(l2_normalize(torch.randn(10, 8)), torch.randint(0, 5, (10,)))
     buf = io.BytesIO()
     torch.save(das.state_dict(), buf)
     buf.seek(0)
-    fresh = DAS(base, 5, 8, seed=0)
+    fresh = DAS(base, num_classes=5, embedding_size=8, seed=0)
     fresh.load_state_dict(torch.load(buf))
     for name in ("frequency", "bank", "bank_ptr", "bank_count"):
         assert torch.equal(getattr(fresh.producer, name), getattr(das.producer, name))
     e, y = l2_normalize(torch.randn(10, 8)), torch.randint(0, 5, (10,))
     for _ in range(2):
-        assert torch.equal(das(e, y)[0], fresh(e, y)[0])
+        assert torch.equal(das(e, y), fresh(e, y))
 
 
 def test_clear_errors():

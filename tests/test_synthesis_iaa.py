@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from deepmetric.functional import l2_normalize
+from deepmetric.loss_hooks import StepContext
 from deepmetric.losses import ContrastiveLoss, MultiSimilarityLoss
 from deepmetric.synthesis import (
     IAA,
@@ -40,6 +41,12 @@ def _circle_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([ang.cos(), ang.sin()], 1), torch.tensor([0, 0, 1, 1, 2, 2])
 
 
+def _at_epoch(iaa: IAA, z: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
+    """A trainer-style call in 0-based ``epoch``: the step context first, then the loss; returns (loss, logs)."""
+    iaa.on_step_start(StepContext(step=1, epoch=epoch))
+    return iaa(z, y), iaa.last_logs
+
+
 def _initialized_iaa(loss: nn.Module, **kw) -> IAA:
     torch.manual_seed(0)
     kw = {"num_classes": 3, "embedding_size": 2, "start_epoch": 0, **kw}
@@ -56,9 +63,9 @@ def test_lambda_schedule_section9():
     expected = [0.8, 0.8, 0.72, 0.72, 0.6, 0.6, 0.48, 0.48]
     assert [iaa_lambda(0.8, e, 100) for e in epochs] == pytest.approx(expected, abs=1e-12)
     # the wrapper takes the trainer's 0-based epoch: code epoch = epoch + 1
-    iaa = IAA(RecordingLoss(), 3, 2, lam=0.8, total_epochs=100, lambda_schedule=True)
+    iaa = IAA(RecordingLoss(), num_classes=3, embedding_size=2, lam=0.8, total_epochs=100, lambda_schedule=True)
     assert [iaa.lambda_at(e - 1) for e in epochs] == pytest.approx(expected, abs=1e-12)
-    assert IAA(RecordingLoss(), 3, 2, lam=0.8, lambda_schedule=False).lambda_at(99) == 0.8
+    assert IAA(RecordingLoss(), num_classes=3, embedding_size=2, lam=0.8, lambda_schedule=False).lambda_at(99) == 0.8
 
 
 def test_synthesis_paper_vs_legacy_section9():
@@ -193,7 +200,7 @@ def test_wrapper_real_rows_anchor_synthetic_rows_candidates():
     iaa = _initialized_iaa(rec, num_copies=2)
     z = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
-    loss, logs = iaa(z, y, epoch=0)
+    loss, logs = _at_epoch(iaa, z, y, 0)
     emb, _lab, ref, ref_lab, ignore = rec.args
     assert logs["iaa_active"] == 1.0 and logs["loss"] == pytest.approx(float(loss.detach()))
     assert emb.shape == (6, 2) and ref.shape == (18, 2) and ref_lab.tolist() == y.tolist() * 3
@@ -214,7 +221,7 @@ def test_wrapper_matches_manual_composition_with_ms_loss():
     copies = iaa_synthesize(z, iaa.estimator.corrected_variances[y], 0.7, 3, noise=noise)
     all_n = l2_normalize(torch.cat([z, copies]))
     expected = ms(all_n[:6], y, all_n, y.repeat(4), ignore_mask=own_copy_ignore_mask(6, 3))
-    got, _ = iaa(z, y, epoch=0)
+    got, _ = _at_epoch(iaa, z, y, 0)
     torch.testing.assert_close(got, expected)
 
 
@@ -225,27 +232,27 @@ def test_zero_strength_and_inactive_epochs_give_exactly_the_base_loss():
     assert float(expected) == pytest.approx(0.542985, abs=1e-6)  # §9 IAA contrastive, no synthetic rows
     for kw in ({"num_copies": 0}, {"lam": 0.0}):
         iaa = _initialized_iaa(base, **kw)
-        assert torch.equal(iaa(z, y, epoch=5)[0], expected)
+        assert torch.equal(_at_epoch(iaa, z, y, 5)[0], expected)
     late_start = _initialized_iaa(base, start_epoch=30)
-    assert torch.equal(late_start(z, y, epoch=29)[0], expected)  # code epoch 30: still the baseline
-    assert not torch.equal(late_start(z, y, epoch=30)[0], expected)
-    fresh = IAA(base, 3, 2, start_epoch=0).double()  # never estimated ⇒ inactive
-    assert torch.equal(fresh(z, y, epoch=10)[0], expected)
+    assert torch.equal(_at_epoch(late_start, z, y, 29)[0], expected)  # code epoch 30: still the baseline
+    assert not torch.equal(_at_epoch(late_start, z, y, 30)[0], expected)
+    fresh = IAA(base, num_classes=3, embedding_size=2, start_epoch=0).double()  # never estimated ⇒ inactive
+    assert torch.equal(_at_epoch(fresh, z, y, 10)[0], expected)
 
 
 def test_state_dict_round_trip_gives_identical_next_outputs():
     iaa = _initialized_iaa(MultiSimilarityLoss(mining=False), seed=3)
     z, y = torch.randn(6, 2, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
-    iaa(z, y, epoch=1)  # advance the generator
+    _at_epoch(iaa, z, y, 1)  # advance the generator
     buf = io.BytesIO()
     torch.save(iaa.state_dict(), buf)
     buf.seek(0)
-    fresh = IAA(MultiSimilarityLoss(mining=False), 3, 2, start_epoch=0, seed=99).double()
+    fresh = IAA(MultiSimilarityLoss(mining=False), num_classes=3, embedding_size=2, start_epoch=0, seed=99).double()
     fresh.load_state_dict(torch.load(buf))
     for name in ("means", "variances", "counts", "pass_counts", "corrected_variances", "initialized"):
         assert torch.equal(getattr(fresh.estimator, name), getattr(iaa.estimator, name))
     for _ in range(2):
-        assert torch.equal(iaa(z, y, epoch=1)[0], fresh(z, y, epoch=1)[0])
+        assert torch.equal(_at_epoch(iaa, z, y, 1)[0], _at_epoch(fresh, z, y, 1)[0])
 
 
 class _TinyModel(nn.Module):
@@ -265,7 +272,7 @@ def test_on_epoch_start_estimates_on_schedule_in_eval_mode_without_grad():
     model.bn.eval()  # a trainer's BN-freezing policy must survive the pass
     x, y = torch.randn(24, 3), torch.arange(24) % 3
     loader = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
-    iaa = IAA(RecordingLoss(), 3, 2, start_epoch=2, update_every=2)
+    iaa = IAA(RecordingLoss(), num_classes=3, embedding_size=2, start_epoch=2, update_every=2)
     bn_mean = model.bn.running_mean.clone()
     updates = []
     for epoch in range(6):
@@ -282,14 +289,14 @@ def test_on_epoch_start_estimates_on_schedule_in_eval_mode_without_grad():
     torch.testing.assert_close(iaa.estimator.means[1], emb[y == 1].mean(0))
     assert int(iaa.current_epoch) == 5
     with pytest.raises(TypeError, match="embed_fn"):
-        IAA(RecordingLoss(), 3, 2, start_epoch=0).on_epoch_start(0, model, [x])
+        IAA(RecordingLoss(), num_classes=3, embedding_size=2, start_epoch=0).on_epoch_start(0, model, [x])
 
 
 def test_legacy_kwargs_and_clear_errors():
-    legacy = IAA(RecordingLoss(), 3, 2, **IAA.legacy_kwargs())
+    legacy = IAA(RecordingLoss(), num_classes=3, embedding_size=2, **IAA.legacy_kwargs())
     assert legacy.synthesizer.legacy_cumulative_sqrt and not legacy.estimator.apply_neighbor_correction
     assert legacy.estimator.update_rule == "running" and legacy.update_every == 2 and legacy.lambda_schedule
-    assert not IAA(RecordingLoss(), 3, 2).lambda_schedule  # paper: constant λ
+    assert not IAA(RecordingLoss(), num_classes=3, embedding_size=2).lambda_schedule  # paper: constant λ
     with pytest.raises(ValueError, match="num_classes"):
         ClassGaussianEstimator(2, 2).update(torch.zeros(2, 2), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="update"):

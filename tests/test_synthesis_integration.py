@@ -1,5 +1,6 @@
 """Registry and trainer-facing contract of the synthesis wrappers: built through ``build_criterion`` and driven
-the way ``Trainer.train_step`` / ``_on_epoch_start`` drive them (features + head, 0-based epochs, logs["loss"])."""
+through the criterion the way ``Trainer.train_step`` / ``_on_epoch_start`` drive them (features + head, 0-based
+epochs, logs["loss"])."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 
 from deepmetric.synthesis import SYNTHESIS, SynthesisMethod
-from deepmetric.training.builders import build_criterion
 from deepmetric.training.config import ExperimentConfig
+from deepmetric.training.criterion import build_criterion
 
 CASES = {
     "iaa": ("multi_similarity", {"start_epoch": 0, "update_every": 1, "total_epochs": 4}, False),
@@ -41,7 +42,9 @@ def test_registry_names_and_interface():
     for cls in SYNTHESIS.values():
         assert issubclass(cls, SynthesisMethod)
         assert isinstance(cls.expects_normalized_embeddings, bool)
-    assert SYNTHESIS["iaa"].needs_num_classes and SYNTHESIS["das"].needs_num_classes
+    for name in ("iaa", "das"):
+        assert {"num_classes", "embedding_size"} <= set(SYNTHESIS[name].build_arguments)
+    assert "total_epochs" in SYNTHESIS["iaa"].build_arguments
     assert not SYNTHESIS["iaa"].expects_normalized_embeddings and not SYNTHESIS["mdr"].expects_normalized_embeddings
 
 
@@ -66,7 +69,7 @@ def test_trainer_style_steps(name):
     cfg.synthesis.params = params
     cfg.model.normalize = normalized  # the builder refuses a model/method mismatch
     criterion = build_criterion(cfg, num_classes=4)
-    method = criterion.synthesis
+    method = criterion.loss
     assert method.expects_normalized_embeddings is normalized
     model = _Model(normalize=method.expects_normalized_embeddings)
     opt = torch.optim.SGD(list(model.parameters()) + list(criterion.parameters()), lr=0.05)
@@ -74,7 +77,7 @@ def test_trainer_style_steps(name):
     loader = [(x[:8], y[:8]), (x[8:], y[8:])]
     before = [p.detach().clone() for p in model.parameters()]
     for epoch in range(2):
-        method.on_epoch_start(epoch, model, loader)
+        criterion.on_epoch_start(epoch, model, loader)
         for step in range(2):
             if criterion.needs_features:
                 features = model.features(x)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deepmetric.functional import l2_normalize
+from deepmetric.loss_hooks import StepContext
 from deepmetric.losses import MultiSimilarityLoss, ProxyAnchorLoss
 from deepmetric.synthesis import SynthesisRankingRegularizer, anchor_loss, ranking_loss
 
@@ -21,6 +22,12 @@ def _setup(seed: int = 0, b: int = 8, f: int = 12, d: int = 6, c: int = 4):
     labels = torch.arange(b) % c
     pa = ProxyAnchorLoss(c, d).double()
     return head, features, labels, pa
+
+
+def _step(method, emb, labels, features=None, head=None):
+    """One trainer-style call: the step context (features, head) first, then the loss; returns (loss, logs)."""
+    method.on_step_start(StepContext(features=features, head=head))
+    return method(emb, labels), method.last_logs
 
 
 def test_ranking_loss_zero_when_ordered_by_margin_and_matches_bruteforce():
@@ -45,7 +52,7 @@ def test_a_zero_and_lambda_zero_equals_proxy_anchor():
     expected = pa(emb, labels)
     g_expected = torch.autograd.grad(expected, features, retain_graph=True)[0]
     sgar = SynthesisRankingRegularizer(pa, a=0.0, lambda_r=0.0, gate="all")
-    loss, logs = sgar(emb, labels, features=features, head=head)
+    loss, logs = _step(sgar, emb, labels, features, head)
     assert torch.equal(loss, expected)
     assert torch.equal(torch.autograd.grad(loss, features)[0], g_expected)
     assert logs["sgar_gated_fraction"] == 1.0 and logs["loss"] == pytest.approx(float(expected.detach()))
@@ -93,7 +100,7 @@ def test_gate_modes_and_errors():
     assert int(gate.sum()) == 2 and sim[gate].min() >= sim[~gate].max()
     assert bool(SynthesisRankingRegularizer(pa, gate="all").gate_mask(emb, labels)[0].all())
     nobody = SynthesisRankingRegularizer(pa, gate="proxy_sim", tau_g=2.0)
-    loss, logs = nobody(emb, labels, features=features, head=head)
+    loss, logs = _step(nobody, emb, labels, features, head)
     assert torch.equal(loss, pa(emb, labels)) and logs["sgar_gated_fraction"] == 0.0
     with pytest.raises(ValueError, match="proxies"):
         SynthesisRankingRegularizer(MultiSimilarityLoss(), gate="proxy_sim").gate_mask(emb, labels)
@@ -110,11 +117,11 @@ def test_interface_flags_and_state_dict_round_trip():
     assert not SynthesisRankingRegularizer(pa, space="embedding").needs_features
     emb = l2_normalize(head(features)).detach()
     f = features.detach()
-    sgar(emb, labels, features=f, head=head)
+    _step(sgar, emb, labels, f, head)
     buf = io.BytesIO()
     torch.save(sgar.state_dict(), buf)
     buf.seek(0)
     fresh = SynthesisRankingRegularizer(ProxyAnchorLoss(4, 6).double(), gate="all", seed=0)
     fresh.load_state_dict(torch.load(buf))
     for _ in range(2):
-        assert torch.equal(sgar(emb, labels, features=f, head=head)[0], fresh(emb, labels, features=f, head=head)[0])
+        assert torch.equal(_step(sgar, emb, labels, f, head)[0], _step(fresh, emb, labels, f, head)[0])

@@ -1,8 +1,12 @@
-"""Shared dense math: normalisation, similarity matrices and label masks.
+"""Shared dense math: normalisation, similarity and distance matrices, label masks and masked reductions.
 
 Every loss in the library computes one B×R similarity (or distance) matrix between B anchors and R reference
-rows and boolean masks over it. Self-comparisons are removed by *index* (an ``ignore_mask``), never by testing
-whether a similarity is close to 1, so exact duplicate embeddings stay valid positives.
+rows and masks over it. Self-comparisons are removed by *index* (an ``ignore_mask`` or the diagonal), never by
+testing whether a similarity is close to 1, so exact duplicate embeddings stay valid positives.
+
+Masks may be boolean or 0/1 in the matrix's dtype. The masked reductions below select by multiplying with
+the mask or by adding a large negative penalty outside it, instead of filling with ±inf, so that an empty row
+stays finite and its gradient is zero (a row of −inf would give NaN gradients through ``logsumexp``).
 """
 
 from __future__ import annotations
@@ -11,33 +15,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Added outside a mask before a max: finite in fp32, and no selected value comes near it.
+MASK_PENALTY = 1e30
+# exp of arguments below about −87 (fp32 underflow) takes a slow path on CPU; e^{−80} is below any sum's precision.
+EXP_RANGE = 80.0
+
+
+def as_float(x: Tensor) -> Tensor:
+    """Half-precision inputs are promoted to fp32 so similarities and softmaxes accumulate in fp32 under autocast."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """Row-wise L2 normalisation (zero rows stay zero)."""
     return F.normalize(x, p=2.0, dim=-1, eps=eps)
 
 
-def cosine_similarity_matrix(x: Tensor, y: Tensor) -> Tensor:
-    """S_ij = x̂_iᵀŷ_j, accumulated in fp32 even under fp16/bf16 autocast."""
-    x = l2_normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
-    y = l2_normalize(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)
+def gram_matrix(x: Tensor, y: Tensor) -> Tensor:
+    """x yᵀ with autocast off, so products of half inputs (promoted by the callers) accumulate in fp32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return x @ y.t()
 
 
+def cosine_similarity_matrix(x: Tensor, y: Tensor) -> Tensor:
+    """S_ij = x̂_iᵀŷ_j, accumulated in fp32 even under fp16/bf16 autocast."""
+    xn = l2_normalize(as_float(x))
+    return gram_matrix(xn, xn if y is x else l2_normalize(as_float(y)))
+
+
 def euclidean_distance_matrix(x: Tensor, y: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
     """D_ij = ‖x_i − y_j‖₂ via the GEMM expansion, clamped at 0; the sqrt is made differentiable at 0 by eps."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x, y = x.float(), y.float()
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
-    sq = sq.clamp_min(0.0)
+    same = y is x
+    x = as_float(x)
+    y = x if same else as_float(y)
+    x_sq = (x * x).sum(1, keepdim=True)
+    y_sq = x_sq.t() if same else (y * y).sum(1).unsqueeze(0)
+    sq = torch.add(x_sq, gram_matrix(x, y), alpha=-2.0).add_(y_sq).clamp_min_(0.0)
+    return sq if squared else sq.add_(eps).sqrt_()
+
+
+def pairwise_distance(x: Tensor, y: Tensor, *, normalize: bool = True, squared: bool = False) -> Tensor:
+    """Euclidean (or squared) distance matrix, optionally between L2-normalised rows (PML's LpDistance default)."""
+    if normalize:
+        xn = l2_normalize(as_float(x))
+        return euclidean_distance_matrix(xn, xn if y is x else l2_normalize(as_float(y)), squared=squared)
+    return euclidean_distance_matrix(x, y, squared=squared)
+
+
+def row_distance(x: Tensor, y: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    """‖x_i − y_i‖₂ of matched rows (or its square); eps as in :func:`euclidean_distance_matrix`."""
+    sq = (x - y).square().sum(1)
     return sq if squared else torch.sqrt(sq + eps)
+
+
+def distance_from_cosine(sim: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distance between unit vectors from their cosine: √(2 − 2S), with eps so the sqrt has a gradient at 0."""
+    return torch.sqrt((2.0 - 2.0 * sim).clamp_min(0.0) + eps)
 
 
 def check_loss_inputs(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None,
                       ref_labels: Tensor | None, ignore_mask: Tensor | None = None) -> None:
-    """Shape checks shared by every loss entry point (reference and lean paths); errors say what was expected.
+    """Shape checks shared by every loss and miner entry point; errors say what was expected.
 
     ``ignore_mask`` must be B×R, where R = B when the batch is compared with itself.
     """
@@ -73,9 +111,10 @@ def resolve_reference(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Apply the library's one loss convention.
 
-    ``ref_embeddings=None`` means "the batch against itself" and the diagonal is ignored (self-pairs removed by
-    index). With explicit references nothing is ignored unless ``ignore_mask`` (B×R, True = never use this pair)
-    says so; cross-batch memory and synthesis wrappers use it to drop an anchor's own memory slot or copies.
+    ``ref_embeddings=None`` means "the batch against itself" (the references are ``embeddings``, the same
+    object) and the diagonal is ignored (self-pairs removed by index). With explicit references nothing is
+    ignored unless ``ignore_mask`` (B×R, True = never use this pair) says so; cross-batch memory and synthesis
+    wrappers use it to drop an anchor's own memory slot or copies.
     """
     check_loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
     if ref_embeddings is None:
@@ -88,35 +127,60 @@ def resolve_reference(
 
 def label_masks(labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Boolean (positive, negative) masks of shape B×R; ignored pairs are in neither."""
-    same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-    positive = same
-    negative = ~same
+    same = labels.unsqueeze(1) == ref_labels.to(labels.device).unsqueeze(0)
+    positive, negative = same, ~same
     if ignore_mask is not None:
-        positive = positive & ~ignore_mask
-        negative = negative & ~ignore_mask
+        keep = ~ignore_mask.to(same.device)
+        positive, negative = positive & keep, negative & keep
     return positive, negative
 
 
+def mask_penalty(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 on the mask, −``MASK_PENALTY`` elsewhere: added to a matrix it takes the unmasked entries out of a max or
+    a log-sum-exp while leaving the masked ones exactly as they are."""
+    return torch.sub(mask.to(dtype), 1.0).mul_(MASK_PENALTY)
+
+
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1, add_one: bool = False) -> Tensor:
-    """log Σ_{mask} eˣ along ``dim`` (optionally log(1 + Σ eˣ)), stable, −inf/0 for empty rows.
+    """log Σ_{mask} eˣ along ``dim`` (or log(1 + Σ_{mask} eˣ) with ``add_one``), stable.
 
-    With ``add_one`` the implicit extra term e⁰ makes the value 0 for an empty row, which is the
-    ``log(1 + Σ ...)`` form used by MS, Proxy-Anchor, binomial and lifted losses.
+    ``add_one`` adds the implicit term e⁰, which makes an empty row exactly 0 — the ``log(1 + Σ ...)`` form of
+    MS, Proxy-Anchor and binomial losses. Without it an empty row gives a large negative finite value (about
+    −1e30) and zero gradients; callers leave such rows out.
+
+    The row's largest selected value is subtracted first, and the differences are clamped to [−80, 80]: a term
+    e^{−80} below the largest is invisible even in float64 sums of 10⁴ terms, exp stays away from its slow
+    underflow range, and the unselected entries (which may lie far above the selected maximum) stay finite
+    until the mask zeroes them. The selected maximum itself sits at 0, inside the clamp, so it keeps its
+    gradient.
     """
-    neg_inf = torch.finfo(x.dtype).min
-    x = x.masked_fill(~mask, neg_inf)
+    m = mask.to(x.dtype)
+    top = (x.detach() + mask_penalty(m, x.dtype)).amax(dim, keepdim=True)
     if add_one:
-        zeros = torch.zeros_like(x.narrow(dim, 0, 1))
-        x = torch.cat([x, zeros], dim=dim)
-    out = torch.logsumexp(x, dim=dim)
-    if not add_one:
-        out = out.masked_fill(~mask.any(dim=dim), neg_inf)
-    return out
+        top = top.clamp_min(0.0)
+    total = (torch.clamp(x - top, -EXP_RANGE, EXP_RANGE).exp() * m).sum(dim, keepdim=True)
+    if add_one:
+        total = total + torch.exp(-top)
+    else:
+        total = total.clamp_min(torch.finfo(x.dtype).tiny)
+    return (top + torch.log(total)).squeeze(dim)
 
 
-def as_float(x: Tensor) -> Tensor:
-    """Half-precision inputs are promoted to fp32 so similarities and softmaxes accumulate in fp32 under autocast."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def masked_max(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """max over ``mask`` along ``dim``; −inf for empty rows (gradient flows to the max)."""
+    values = (x + mask_penalty(mask, x.dtype)).amax(dim)
+    return values.masked_fill(mask.to(x.dtype).amax(dim) <= 0, float("-inf"))
+
+
+def masked_min(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """min over ``mask`` along ``dim``; +inf for empty rows."""
+    return -masked_max(-x, mask, dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """mean over ``mask`` along ``dim``; 0 for empty rows (no 0/0)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
 
 
 def zero_loss(*tensors: Tensor) -> Tensor:
@@ -128,32 +192,3 @@ def zero_loss(*tensors: Tensor) -> Tensor:
     if total is None:
         raise ValueError("zero_loss needs at least one tensor")
     return total
-
-
-def masked_max(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """max over ``mask`` along ``dim``; −inf for empty rows (detached selection, gradient flows to the max)."""
-    return x.masked_fill(~mask, float("-inf")).amax(dim=dim)
-
-
-def masked_min(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """min over ``mask`` along ``dim``; +inf for empty rows."""
-    return x.masked_fill(~mask, float("inf")).amin(dim=dim)
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """mean over ``mask`` along ``dim``; 0 for empty rows (no 0/0)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
-
-
-def distance_from_cosine(sim: Tensor, eps: float = 1e-12) -> Tensor:
-    """Euclidean distance between unit vectors from their cosine: √(2 − 2S), with eps so the sqrt has a gradient at 0."""
-    return torch.sqrt((2.0 - 2.0 * sim).clamp_min(0.0) + eps)
-
-
-def pairwise_distance(x: Tensor, y: Tensor, *, normalize: bool = True, squared: bool = False) -> Tensor:
-    """Euclidean (or squared) distance matrix, optionally between L2-normalised rows (PML's LpDistance default)."""
-    x, y = as_float(x), as_float(y)
-    if normalize:
-        x, y = l2_normalize(x), l2_normalize(y)
-    return euclidean_distance_matrix(x, y, squared=squared)

@@ -2,17 +2,37 @@
 
 Wang, Zhang, Huang, Scott, "Cross-Batch Memory for Embedding Learning", CVPR 2020 (methods.md §4.4).
 
-Semantics of one training step (``t`` is the 1-based number of training-mode calls, kept in a buffer)::
+``CrossBatchMemory(loss, miner=None, *, embedding_size, memory_size, ...)`` is itself a loss with the library
+signature. Semantics of one training step (``t`` is the 1-based number of training-mode calls, kept in a buffer)::
 
     active = t > start_iteration                      # memory used from step start_iteration + 1 on
     if active or fill_during_warmup:                  # XBM code: enqueue only when active (default)
         enqueue(embeddings.detach(), labels)          # BEFORE the loss, as in XBM and PML
-    L_batch = loss(embeddings, labels)                # batch vs itself, diagonal ignored by index
+    L_batch = loss(embeddings, labels, ref_embeddings, ref_labels, ignore_mask=ignore_mask)
+                                                      # no references: batch vs itself, diagonal ignored by index
     if active:
         L_memory = loss(embeddings, labels, M_emb, M_lab, ignore_mask=own_slot)
         L = L_batch + weight · L_memory               # (only weight · L_memory with include_batch_loss=False)
     else:
         L = L_batch
+
+``last_logs`` holds the detached ``"loss"``, ``"batch_loss"`` (absent when skipped) and ``"memory_loss"`` (absent
+while the memory is not used).
+
+Composition: the memory is the inner wrapper, and it enqueues its anchors — the ``embeddings`` it is called
+with. An outer synthesis wrapper decides what those rows are:
+
+* ``DAS(CrossBatchMemory(loss))``: every row of DAS's E' = [E; Ẽ¹; …; Ẽᴾ] is an anchor, so the memory holds
+  DAS-produced rows (real and synthetic; P+1 rows per sample and step) — XBM over DAS-produced embeddings.
+  An ``ignore_mask`` given without references (DAS's ``exclude_own_copies``) removes the same pairs in the memory
+  term against the rows just enqueued, so a row's own copies stay excluded there too.
+* ``IAA(CrossBatchMemory(loss))``: the anchors are IAA's normalised real rows, so the memory holds real rows only;
+  IAA's copies are the batch term's extra references (with its own-copy ``ignore_mask``), and the memory term
+  ignores each anchor's own slot.
+* ``MDR(CrossBatchMemory(loss))``: the memory holds MDR's batch-distance-scaled rows.
+
+A synthesis wrapper produces its own references, so it refuses ``ref_embeddings``; the memory therefore never
+goes outside one.
 
 Choices and how they compare with the two reference implementations:
 
@@ -30,6 +50,10 @@ Choices and how they compare with the two reference implementations:
   so nothing of theirs is ignored.
 * **Pairs inside the current batch count twice** (once in L_batch, once in L_memory, because the batch is enqueued
   first), as in the authors' code; ``include_batch_loss=False`` gives PML's single "batch vs memory" term.
+* **Miner.** ``CrossBatchMemory(loss, miner)`` mines each term on exactly the rows that term compares: the batch
+  term on (batch vs batch, or vs the given references), the memory term on (batch vs memory, own slot ignored),
+  and passes the tuples to the loss as ``mined=`` — PML's ``CrossBatchMemory(loss, miner=...)`` mines on
+  (batch vs memory) for its single term likewise.
 * **Ring buffer.** A true modular ring (PML-style): rows go to slots ``ptr, ptr+1, … (mod memory_size)``. The XBM
   code instead writes an overflowing batch into the *last* B slots and resets the pointer, and decides "full" by
   testing whether the last stored label is non-zero (wrong for class 0); here the fill count is a buffer.
@@ -52,17 +76,22 @@ uses overwritten rows).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
+
+from deepmetric.loss_hooks import LossWrapper
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class CrossBatchMemory(nn.Module):
+class CrossBatchMemory(LossWrapper):
     """Wrap ``loss`` with a cross-batch memory of ``memory_size`` rows of width ``embedding_size``.
 
     Args:
         loss: any module with the library signature ``loss(emb, labels, ref_emb, ref_labels, *, ignore_mask)``.
+        miner: optional miner run on the rows of each term (batch, memory); its tuples go to ``loss`` as ``mined=``.
         embedding_size: width d of the embeddings (checked on every call).
         memory_size: number of rows M kept (XBM's ``XBM.SIZE``; 55,000 for SOP).
         start_iteration: T₀; the memory is used from training step T₀ + 1 on (1-based steps).
@@ -72,27 +101,26 @@ class CrossBatchMemory(nn.Module):
         fill_during_warmup: also enqueue during the first T₀ steps (default False, the authors' code).
         include_batch_loss: add L_batch (authors' code, default); False gives PML's memory-only loss.
         dtype: storage dtype of the memory rows.
-
-    After each call ``last_batch_loss`` and ``last_memory_loss`` hold the detached terms, for logging without a
-    device sync (``last_memory_loss`` is None while the memory is not used; ``last_batch_loss`` is None when
-    ``include_batch_loss=False`` skipped it).
     """
+
+    build_arguments: ClassVar[tuple[str, ...]] = ("embedding_size",)
 
     def __init__(
         self,
         loss: nn.Module,
+        miner: nn.Module | None = None,
+        *,
         embedding_size: int,
         memory_size: int,
         start_iteration: int = 0,
         weight: float = 1.0,
         enqueue_fraction: float = 1.0,
         enqueue_count: int | None = None,
-        *,
         fill_during_warmup: bool = False,
         include_batch_loss: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
+        super().__init__(loss, miner)
         if embedding_size < 1 or memory_size < 1:
             raise ValueError(
                 f"CrossBatchMemory: embedding_size and memory_size must be >= 1, got {embedding_size}, {memory_size}"
@@ -106,7 +134,6 @@ class CrossBatchMemory(nn.Module):
                 raise ValueError("CrossBatchMemory: give enqueue_fraction or enqueue_count, not both")
             if enqueue_count < 0:
                 raise ValueError(f"CrossBatchMemory: enqueue_count must be >= 0, got {enqueue_count}")
-        self.loss = loss
         self.embedding_size = int(embedding_size)
         self.memory_size = int(memory_size)
         self.start_iteration = int(start_iteration)
@@ -123,8 +150,6 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("next_id", torch.zeros((), dtype=torch.long))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.last_batch_loss: Tensor | None = None
-        self.last_memory_loss: Tensor | None = None
 
     # -- read-only views -------------------------------------------------------------------------------------
     @property
@@ -152,7 +177,7 @@ class CrossBatchMemory(nn.Module):
         self.slot_ids.fill_(-1)
         for name in ("write_ptr", "num_filled", "next_id", "iteration"):
             getattr(self, name).zero_()
-        self.last_batch_loss = self.last_memory_loss = None
+        self.last_logs = {}
 
     # -- queue ----------------------------------------------------------------------------------------------
     def _enqueue_selection(self, batch: int, enqueue_mask: Tensor | None, device: torch.device) -> Tensor:
@@ -211,7 +236,16 @@ class CrossBatchMemory(nn.Module):
             )
         return labels.to(device=embeddings.device, dtype=torch.long)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, *, enqueue_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        *,
+        ignore_mask: Tensor | None = None,
+        enqueue_mask: Tensor | None = None,
+    ) -> Tensor:
         labels = self._check_inputs(embeddings, labels)
         batch = embeddings.shape[0]
         row_ids = None
@@ -227,12 +261,14 @@ class CrossBatchMemory(nn.Module):
             active = self.is_active
 
         use_memory = active and int(self.num_filled) > 0
-        self.last_batch_loss = self.last_memory_loss = None
+        logs: dict[str, Tensor | float] = {}
+        self.last_logs = logs
         batch_loss = None
         if self.include_batch_loss or not use_memory:
-            batch_loss = self.loss(embeddings, labels)
-            self.last_batch_loss = batch_loss.detach()
+            batch_loss = self.inner_loss(embeddings, labels, ref_embeddings, ref_labels, ignore_mask=ignore_mask)
+            logs["batch_loss"] = batch_loss.detach()
         if not use_memory:
+            logs["loss"] = batch_loss.detach()
             return batch_loss
 
         mem_emb, mem_lab = self.memory_embeddings, self.memory_labels
@@ -240,13 +276,32 @@ class CrossBatchMemory(nn.Module):
             mem_emb = mem_emb.to(embeddings.dtype)  # half inputs: losses promote to fp32 themselves
         ignore = None
         if row_ids is not None:
-            ignore = (row_ids.unsqueeze(1) == self.slot_ids[: mem_emb.shape[0]].unsqueeze(0)) & (
+            own_slot = (row_ids.unsqueeze(1) == self.slot_ids[: mem_emb.shape[0]].unsqueeze(0)) & (
                 row_ids.unsqueeze(1) >= 0
             )
-        memory_loss = self.loss(embeddings, labels, mem_emb, mem_lab, ignore_mask=ignore)
-        self.last_memory_loss = memory_loss.detach()
+            ignore = own_slot
+            if ignore_mask is not None and ref_embeddings is None:
+                ignore = own_slot | self._carried_ignore(ignore_mask, own_slot)
+        memory_loss = self.inner_loss(embeddings, labels, mem_emb, mem_lab, ignore_mask=ignore)
+        logs["memory_loss"] = memory_loss.detach()
         weighted = self.weight * memory_loss
-        return weighted if batch_loss is None else batch_loss + weighted
+        total = weighted if batch_loss is None else batch_loss + weighted
+        logs["loss"] = total.detach()
+        return total
+
+    @staticmethod
+    def _carried_ignore(ignore_mask: Tensor, own_slot: Tensor) -> Tensor:
+        """B×M: pair (i, slot of batch row j) for every pair (i, j) the caller's B×B ``ignore_mask`` removes."""
+        batch = own_slot.shape[0]
+        if ignore_mask.shape != (batch, batch):
+            raise ValueError(
+                f"CrossBatchMemory: without ref_embeddings, ignore_mask must be ({batch}, {batch}), "
+                f"got {tuple(ignore_mask.shape)}"
+            )
+        rows, slots = torch.nonzero(own_slot, as_tuple=True)  # batch row j sits in memory slot s
+        carried = torch.zeros_like(own_slot)
+        carried[:, slots] = ignore_mask[:, rows].to(device=own_slot.device, dtype=torch.bool)
+        return carried
 
     def extra_repr(self) -> str:
         return (
@@ -255,3 +310,7 @@ class CrossBatchMemory(nn.Module):
             f"enqueue={'count=' + str(self.enqueue_count) if self.enqueue_count is not None else self.enqueue_fraction}, "
             f"fill_during_warmup={self.fill_during_warmup}, include_batch_loss={self.include_batch_loss}"
         )
+
+
+#: memory wrappers by config name (``memory.name``)
+MEMORIES: dict[str, type[CrossBatchMemory]] = {"xbm": CrossBatchMemory}

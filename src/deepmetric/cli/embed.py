@@ -53,7 +53,7 @@ def resolve_model_source(args: argparse.Namespace) -> tuple[object, Path]:
 
 
 def split_dataset(config: object, split: str) -> object:
-    from deepmetric.training.builders import build_data
+    from deepmetric.data.bundle import build_data
 
     bundle = build_data(config.data, seed=config.train.seed,  # type: ignore[attr-defined]
                         backbone=config.model.backbone)  # type: ignore[attr-defined]
@@ -75,32 +75,44 @@ def split_dataset(config: object, split: str) -> object:
     return dataset
 
 
+def embed_items(config: object, weights: Path, *, split: str | None = None, images: str | None = None,
+                batch_size: int | None = None, device: str = "cpu") -> tuple[object, object, list[str] | None]:
+    """(embeddings (N, d) float32, labels (N,) int64, image paths or None) of a split or an image folder."""
+    import numpy as np
+
+    from deepmetric.training.inference import embed_dataset
+    from deepmetric.training.run_artifacts import ImageFileDataset, image_loader, list_images, load_model
+
+    model = load_model(config, weights, device=device)  # type: ignore[arg-type]
+    paths = None
+    if images:
+        found, labels, _ = list_images(images)
+        paths = [str(p) for p in found]
+        dataset = ImageFileDataset(found, labels, image_loader(config))  # type: ignore[arg-type]
+    else:
+        dataset = split_dataset(config, split or "test")
+    batch = batch_size or config.data.eval_batch_size  # type: ignore[attr-defined]
+    emb, lab = embed_dataset(model, dataset, batch_size=batch, device=device)
+    return emb.numpy().astype(np.float32), lab.numpy().astype(np.int64), paths
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deepmetric.training.config import ConfigError
-    from deepmetric.training.inference import embed_dataset
-    from deepmetric.training.run_artifacts import ImageFileDataset, image_loader, list_images, load_model
 
     try:
         config, weights = resolve_model_source(args)
-        model = load_model(config, weights, device=args.device)  # type: ignore[arg-type]
-        paths = None
-        if args.images:
-            paths, labels, _ = list_images(args.images)
-            dataset = ImageFileDataset(paths, labels, image_loader(config))  # type: ignore[arg-type]
-        else:
-            dataset = split_dataset(config, args.split)
-        batch = args.batch_size or config.data.eval_batch_size  # type: ignore[attr-defined]
-        emb, lab = embed_dataset(model, dataset, batch_size=batch, device=args.device)
+        emb, lab, paths = embed_items(config, weights, split=args.split, images=args.images,
+                                      batch_size=args.batch_size, device=args.device)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", emb.numpy().astype(np.float32))
-    np.save(out / "labels.npy", lab.numpy().astype(np.int64))
+    np.save(out / "embeddings.npy", emb)
+    np.save(out / "labels.npy", lab)
     if paths is not None:
         (out / "paths.txt").write_text("".join(f"{p}\n" for p in paths))
-    print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}")
+    print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}")  # type: ignore[attr-defined]
     return 0

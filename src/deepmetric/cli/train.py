@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 
@@ -26,49 +24,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepmetric.training.config import ConfigError, load_config
-    from deepmetric.training.run_dir import RunDirectoryExists, create_run_dir, default_run_dir
-    from deepmetric.training.trainer import Trainer, TrainingDiverged, format_results_table
+    # imported when the sub-command runs: parsing the command line must not load the whole training stack
+    from deepmetric.training.config import load_config
+    from deepmetric.training.distributed import barrier, destroy_distributed, init_distributed
+    from deepmetric.training.own_data import apply_photo_defaults, explicit_keys
+    from deepmetric.training.run_dir import create_run_dir, default_run_dir, remove_failed_start
+    from deepmetric.training.selection import format_results_table
+    from deepmetric.training.trainer import Trainer
 
-    distributed = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from deepmetric.training.distributed import init_distributed
-
-        distributed = init_distributed()
-    is_main = distributed is None or distributed.rank == 0
+    distributed = init_distributed()  # one process unless launched by torchrun with WORLD_SIZE > 1
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
     try:
         if args.resume:
-            trainer = Trainer.resume(args.resume, distributed=distributed)
-            print(f"resuming {args.resume} at step {trainer.step}")
+            trainer = Trainer.resume(args.resume, distributed=distributed, overrides=args.overrides)
+            if trainer.finished:
+                if distributed.is_main:
+                    print(f"{args.resume} already finished at step {trainer.step} (see its results.json); nothing "
+                          f"was changed. To train longer: --resume {args.resume} --set train.iterations=N "
+                          f"with N > {trainer.step}")
+                return 0
+            changed = f" with {', '.join(trainer.resumed_changes)} changed" if trainer.resumed_changes else ""
+            print(f"resuming {args.resume} at step {trainer.step} of {trainer.iterations}{changed}")
         else:
-            overrides = list(args.overrides)
-            if args.data:
-                overrides.append(f"data.root={args.data}")
             config = load_config(args.config, overrides)
+            notes = apply_photo_defaults(config, explicit_keys(args.config, overrides), data_given=bool(args.data))
+            if distributed.is_main:
+                for note in notes:
+                    print(note, flush=True)
             run_dir = Path(args.output) if args.output else default_run_dir(config.name)
-            if is_main:
+            if distributed.is_main:
                 create_run_dir(run_dir, overwrite=args.overwrite)
-            if distributed is not None:
-                from deepmetric.training.distributed import barrier
-
-                barrier(distributed)
-            trainer = Trainer(config, run_dir, distributed=distributed)
+            barrier(distributed)
+            try:
+                trainer = Trainer(config, run_dir, distributed=distributed)
+            except BaseException:
+                if distributed.is_main:  # nothing was trained: a retry with the same --output must work
+                    remove_failed_start(run_dir)
+                raise
         result = trainer.fit()
-    except (ConfigError, RunDirectoryExists, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
     finally:
-        if distributed is not None:
-            from deepmetric.training.distributed import destroy_distributed
-
-            destroy_distributed()
-    if is_main:
+        destroy_distributed()
+    if distributed.is_main:
         print()
         print(f"run directory: {result.run_dir}")
         print(f"steps: {result.steps}, time: {result.seconds:.1f}s, selected step: {result.best_step}")
         print("test metrics (unseen classes), % :")
-        print(format_results_table(result))
+        print(format_results_table(result.before, result.after))
+        for warning in result.warnings:
+            print(warning)
     return 0

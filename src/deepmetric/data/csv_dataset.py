@@ -13,11 +13,17 @@ column          required  meaning
 ==============  ========  =====================================================================
 
 ``is_query``/``is_gallery`` come together or not at all. Errors name the CSV file, the line and the column.
+
+An image path listed twice — twice in one split (a duplicated test row is its own perfect neighbour and inflates
+every metric) or in two splits (train/test leakage) — is refused, naming both lines; ``allow_duplicates=True``
+accepts it with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,7 @@ class CSVDataset(ImageListDataset):
         transform: Callable[[Any], Any] | None = None,
         on_bad_image: str = "error",
         images_root: str | Path | None = None,
+        allow_duplicates: bool = False,
     ) -> None:
         if split is not None and split not in SPLITS:
             raise ValueError(f"CSVDataset: split must be one of {SPLITS} or None, got {split!r}")
@@ -94,6 +101,7 @@ class CSVDataset(ImageListDataset):
             reader.fieldnames = columns
             paths, labels, is_query, is_gallery = [], [], [], []
             present: set[str] = set()
+            first_seen: dict[str, tuple[int, str]] = {}
             for lineno, row in enumerate(reader, start=2):
                 where = f"{self.csv_path}:{lineno}"
                 if None in row:  # more fields than header columns
@@ -113,14 +121,16 @@ class CSVDataset(ImageListDataset):
                         f"{where}: column 'label' must be an integer, got {values['label']!r}"
                     ) from None
                 present.add(values["split"])
+                path = Path(values["path"])
+                path = path if path.is_absolute() else base / path
+                self._check_duplicate(first_seen, os.path.normpath(path), lineno, values["split"], allow_duplicates)
                 if split is not None and values["split"] != split:
                     continue
                 q = g = True
                 if has_qg[0] and values["split"] != "train":
                     q = _parse_bool(values["is_query"], where, "is_query")
                     g = _parse_bool(values["is_gallery"], where, "is_gallery")
-                path = Path(values["path"])
-                paths.append(path if path.is_absolute() else base / path)
+                paths.append(path)
                 labels.append(label)
                 is_query.append(q)
                 is_gallery.append(g)
@@ -131,3 +141,17 @@ class CSVDataset(ImageListDataset):
         self.is_gallery = np.asarray(is_gallery, dtype=bool)
         self.split = split
         self.available_splits = tuple(s for s in SPLITS if s in present)
+
+    def _check_duplicate(
+        self, first_seen: dict[str, tuple[int, str]], key: str, lineno: int, split: str, allow: bool
+    ) -> None:
+        if key not in first_seen:
+            first_seen[key] = (lineno, split)
+            return
+        line, other = first_seen[key]
+        kind = f"twice in split {split!r}" if other == split else f"in splits {other!r} and {split!r}"
+        message = (f"{self.csv_path}:{lineno}: image {key} is listed {kind} (first at line {line}); duplicates "
+                   "inflate retrieval metrics")
+        if not allow:
+            raise CSVFormatError(message + "; remove them, or pass allow_duplicates=True to accept them")
+        warnings.warn(message, UserWarning, stacklevel=3)

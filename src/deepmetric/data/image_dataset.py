@@ -47,6 +47,13 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {exc}") from exc
 
 
+def _nonempty_file(path: str) -> bool:
+    try:
+        return Path(path).stat().st_size > 0
+    except OSError:
+        return False
+
+
 class ImageListDataset(Dataset):
     """Images given by ``paths`` with integer ``labels``; returns ``(transform(image), int label)``."""
 
@@ -122,6 +129,24 @@ class ImageListDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+    def check_files(self) -> list[str]:
+        """Stat every file (no decoding): missing or empty files raise naming them with ``"error"``; with
+        ``"skip"`` they are removed like :meth:`verify_images` removes unreadable ones and returned."""
+        bad = [i for i, path in enumerate(self.paths) if not _nonempty_file(path)]
+        if not bad:
+            return []
+        names = [self.paths[i] for i in bad]
+        if self.on_bad_image == "error":
+            shown = ", ".join(names[:5]) + (f" … (+{len(names) - 5} more)" if len(names) > 5 else "")
+            raise BadImageError(f"{len(names)} image file(s) missing or empty (0 bytes): {shown}")
+        for i in bad:
+            self._record_bad(i)
+        keep = np.setdiff1d(np.arange(len(self.paths)), np.asarray(bad))
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = self.labels[keep]
+        self._bad_index, self._class_members = set(), None
+        return names
 
     def verify_images(self) -> list[str]:
         """Decode every image once; return the unreadable paths.

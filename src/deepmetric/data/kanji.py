@@ -228,15 +228,3 @@ def _to_float_tensor(image: Any) -> torch.Tensor:
     else:
         t = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)) / 255.0
     return t.unsqueeze(0) if t.dim() == 2 else t
-
-
-def _register_transforms() -> None:
-    # The transform registry looks for "kanji_*" names by importing this module; setdefault keeps an entry the
-    # registry owner may have added explicitly.
-    from deepmetric.data.transforms import TRANSFORMS
-
-    TRANSFORMS.setdefault("kanji_train", kanji_train_transform)
-    TRANSFORMS.setdefault("kanji_eval", kanji_eval_transform)
-
-
-_register_transforms()

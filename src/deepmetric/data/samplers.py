@@ -23,12 +23,16 @@ global batch and keeps its own class-complete share (B/m classes are split acros
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import get_args
 
 import numpy as np
 from torch.utils.data import Sampler
 
-CLASS_CHOICES = ("uniform_no_replacement", "proportional_to_remaining", "with_replacement", "permutation")
-IMAGE_CHOICES = ("no_replacement_pad", "with_replacement")
+from deepmetric.config_errors import ConfigError
+from deepmetric.data.config import ClassChoice, DataConfig, ImageChoice
+
+CLASS_CHOICES: tuple[str, ...] = get_args(ClassChoice)
+IMAGE_CHOICES: tuple[str, ...] = get_args(ImageChoice)
 
 
 class MPerClassBatchSampler(Sampler[list[int]]):
@@ -79,8 +83,18 @@ class MPerClassBatchSampler(Sampler[list[int]]):
                 f"the dataset has {len(classes)} classes but a batch needs {self.classes_per_batch} distinct ones "
                 f"(batch_size={batch_size}, m={m})"
             )
+        if len(classes) < 2:
+            raise ValueError(
+                f"the training labels hold a single class ({int(classes[0])}): metric learning needs at least two "
+                "classes (no pair would ever be a negative)"
+            )
         order = np.argsort(inverse, kind="stable")
         counts = np.bincount(inverse)
+        if class_choice != "permutation" and m > int(counts.max()):
+            raise ValueError(
+                f"m={m} images per class, but the largest class has {int(counts.max())} images: every class would "
+                "be padded with repeated images; lower m (data.m_per_class)"
+            )
         self._members = np.split(order, np.cumsum(counts)[:-1])
         self.labels = labels
         self.batch_size = batch_size
@@ -224,3 +238,24 @@ class RandomBatchSampler(Sampler[list[int]]):
             yield batch.tolist()
         self.epoch += 1
         self.position = 0
+
+
+def build_sampler(
+    cfg: DataConfig, labels: Sequence[int] | np.ndarray, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> MPerClassBatchSampler | RandomBatchSampler:
+    """The batch sampler ``cfg.sampler`` names, over the training ``labels``; this rank's share of each batch.
+
+    A sampler that cannot be built from these labels (too few classes or images for the batch) raises
+    :class:`ConfigError` naming the data fields.
+    """
+    try:
+        if cfg.sampler == "random":
+            return RandomBatchSampler(len(labels), batch_size=cfg.batch_size, seed=seed, rank=rank,
+                                      world_size=world_size)
+        return MPerClassBatchSampler(
+            labels, batch_size=cfg.batch_size, m=cfg.m_per_class, class_choice=cfg.class_choice,
+            image_choice=cfg.image_choice, length=cfg.batches_per_epoch, seed=seed, rank=rank,
+            world_size=world_size,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"data (sampler {cfg.sampler!r}): {exc}") from exc

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from deepmetric.data.kanji import kanji_eval_transform, kanji_train_transform
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BNINCEPTION_BGR_MEAN = (104.0, 117.0, 128.0)
@@ -205,20 +207,15 @@ def _factory(preset: str, train: bool) -> TransformFactory:
 
 
 # name → factory(backbone=None, dataset=None) → transform; pass the model's backbone name so that the colour
-# convention follows it (without one, the preset's repo default above). Other modules add entries
-# (e.g. "kanji_train").
+# convention follows it (without one, the preset's repo default above). The embedded dataset's glyph transforms
+# ignore both.
 TRANSFORMS: dict[str, TransformFactory] = {
     f"{preset}_{kind}": _factory(preset, kind == "train") for preset in PRESETS for kind in ("train", "eval")
-}
+} | {"kanji_train": kanji_train_transform, "kanji_eval": kanji_eval_transform}
 
 
 def get_transform(name: str, backbone: str | None = None, dataset: str | None = None) -> Any:
     """Look up ``TRANSFORMS[name]`` and build it; unknown names list what exists."""
-    if name not in TRANSFORMS and name.startswith("kanji"):
-        try:  # the embedded dataset's module may register its own transforms when imported
-            import deepmetric.data.kanji  # noqa: F401
-        except ImportError:
-            pass
     if name not in TRANSFORMS:
         raise KeyError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}")
     return TRANSFORMS[name](backbone=backbone, dataset=dataset)

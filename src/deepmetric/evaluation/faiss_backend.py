@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from deepmetric.evaluation import metrics as M
-from deepmetric.evaluation.knn import stable_topk
+from deepmetric.evaluation.results import RetrievalResults
+from deepmetric.evaluation.retrieval import count_relevant, retrieve
 
 
 def import_faiss() -> Any:
@@ -33,15 +34,20 @@ def import_faiss() -> Any:
     return faiss
 
 
-def _build_index(faiss: Any, g: np.ndarray, distance: str, backend: str, params: dict[str, Any]) -> Any:
+def default_nlist(n: int) -> int:
+    """4·√n inverted lists, with at least 39 training points per list (faiss's minimum)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def build_faiss_index(faiss: Any, g: np.ndarray, distance: str, backend: str, params: dict[str, Any]) -> Any:
+    """A filled faiss index over the rows of ``g`` (float32, prepared for ``distance``): flat, IVF or HNSW."""
     d = g.shape[1]
     inner = distance != "euclidean"
     metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
     if backend == "faiss":
         index = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
     elif backend == "faiss-ivf":
-        # faiss wants ≥ 39 training points per list
-        nlist = int(params.get("nlist", max(1, min(int(4 * math.sqrt(g.shape[0])), g.shape[0] // 39))))
+        nlist = int(params.get("nlist", default_nlist(g.shape[0])))
         quantizer = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
         index.train(g)
@@ -66,7 +72,7 @@ def faiss_search(
         q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     qn = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
     gn = qn if self_mode else np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32)
-    index = _build_index(faiss, gn, distance, backend, params or {})
+    index = build_faiss_index(faiss, gn, distance, backend, params or {})
     extra = int(self_mode)
     dist, idx = index.search(qn, k + extra)
     scores = torch.from_numpy(dist if distance != "euclidean" else -dist)
@@ -81,51 +87,57 @@ def faiss_search(
 
 
 @torch.no_grad()
-def faiss_pass(
-    q: Tensor, g: Tensor, gl: Tensor, ql: Tensor, r: Tensor, self_mode: bool, retrieval: list[str],
-    ks: list[int], distance: str, backend: str, params: dict[str, Any], progress: bool,
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Per-query metric values from faiss neighbour lists (same keys as the torch pass) and extra results."""
+def faiss_results(
+    q: Tensor, ql: Tensor, g: Tensor | None, gl: Tensor | None, list_metrics: tuple[str, ...], ks: list[int],
+    distance: str, backend: str, params: dict[str, Any],
+) -> tuple[RetrievalResults, dict[str, float]]:
+    """A :class:`RetrievalResults` from faiss neighbour lists (ranks known below the list length) and, for the
+    approximate indexes, ``ann_recall@k`` on a query sample."""
+    self_mode = g is None
+    g, gl = (q, ql) if self_mode else (g, gl)
     n_candidates = g.shape[0] - int(self_mode)
-    want_r = "r_precision" in retrieval or "map@r" in retrieval
+    r = count_relevant(ql, gl, self_mode)
+    want_r = "r_precision" in list_metrics or "map@r" in list_metrics
     k = max(int(r.max()) if want_r else 1, ks[-1] if ks else 1)
     k = min(k, n_candidates)
-    _, idx = faiss_search(q, g, k, distance, backend, params, self_mode)
+    scores, idx = faiss_search(q, g, k, distance, backend, params, self_mode)
     valid = idx >= 0  # approximate indexes pad short lists with −1
     rel = (gl[idx.clamp_min(0)] == ql.unsqueeze(1)) & valid
     found, pos = M.first_relevant_position(rel)
-    out: dict[str, Tensor] = {"first_rank": torch.where(found, pos, torch.full_like(pos, k))}
-    if "precision@1" in retrieval:
-        out["precision@1"] = rel[:, 0].to(torch.float64)
+    per_query: dict[str, Tensor] = {}
+    if "precision@1" in list_metrics:
+        per_query["precision@1"] = rel[:, 0].to(torch.float64)
     if want_r:
-        out["r_precision"], out["map@r"] = M.r_metrics(rel, r)
+        rp, apr = M.r_metrics(rel, r)
+        per_query.update({name: v for name, v in (("r_precision", rp), ("map@r", apr)) if name in list_metrics})
+    results = RetrievalResults(
+        query_ids=torch.arange(q.shape[0], device=q.device), neighbour_index=idx, neighbour_score=scores,
+        query_labels=ql, gallery_labels=gl, n_relevant=r,
+        first_relevant_rank=torch.where(found & (r > 0), pos, torch.full_like(pos, k)), rank_depth=k,
+        n_gallery=g.shape[0], self_retrieval=self_mode, distance=distance, per_query=per_query,
+    )
     extra: dict[str, float] = {}
     if backend != "faiss":
         k_ann = ks[-1] if ks else k
         extra.update(_ann_recall(q, g, idx[:, :k_ann], k_ann, distance, self_mode, int(params.get("ann_sample", 1000))))
-    return out, extra
+    return results, extra
 
 
 def _ann_recall(
     q: Tensor, g: Tensor, ann_idx: Tensor, k: int, distance: str, self_mode: bool, sample: int
 ) -> dict[str, float]:
-    """Mean |ANN top-k ∩ exact top-k| / k on an evenly spaced sample of queries (exact = torch stable top-k)."""
-    n_q, n_g = q.shape[0], g.shape[0]
+    """Mean |ANN top-k ∩ exact top-k| / k on an evenly spaced sample of queries (exact = :func:`.retrieve`)."""
+    n_q = q.shape[0]
     rows = torch.linspace(0, n_q - 1, min(sample, n_q)).round().long().unique().to(q.device)
-    if distance == "cosine":
-        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
-    bias = -(g * g).sum(1) if distance == "euclidean" else None
-    block = max(1, (64 * 2**20) // (4 * n_g))
-    hits = 0
-    for start in range(0, rows.shape[0], block):
-        rb = rows[start : start + block]
-        s = q[rb] @ g.t() if bias is None else 2 * (q[rb] @ g.t()) + bias
-        if self_mode:
-            s[torch.arange(rb.shape[0], device=s.device), rb] = float("-inf")
-        _, exact = stable_topk(s, k)
-        # one flat membership test: offsetting each row's ids by row·n_g keeps rows apart
-        offset = torch.arange(rb.shape[0], device=s.device).unsqueeze(1) * n_g
-        ann = ann_idx[rb]
-        ann = torch.where(ann >= 0, ann + offset, torch.full_like(ann, -1))
-        hits += int(torch.isin(exact + offset, ann).sum())
-    return {f"ann_recall@{k}": hits / (rows.shape[0] * k), "ann_recall_sample": int(rows.shape[0])}
+    exact = retrieve(q, None, None if self_mode else g, None, k=k, queries=rows, distance=distance).neighbour_index
+    return {f"ann_recall@{k}": overlap_at_k(exact, ann_idx[rows]), "ann_recall_sample": int(rows.shape[0])}
+
+
+def overlap_at_k(exact: Tensor, approximate: Tensor) -> float:
+    """Mean over rows of |approximate row ∩ exact row| / k (k = exact's width; −1 entries are "no item")."""
+    n, k = exact.shape
+    # one flat membership test: offsetting each row's ids by row·(max id + 1) keeps rows apart
+    stride = int(max(int(exact.max()), int(approximate.max()))) + 1
+    offset = torch.arange(n, device=exact.device).unsqueeze(1) * stride
+    ann = torch.where(approximate >= 0, approximate + offset, torch.full_like(approximate, -1))
+    return int(torch.isin(exact + offset, ann).sum()) / (n * k)

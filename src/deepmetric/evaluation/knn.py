@@ -94,7 +94,8 @@ def count_ranked_before(
     """For each triple (row r, score t, gallery index i): #{j : s_rj > t} + #{j < i : s_rj = t}.
 
     That is the 0-based stable rank of an item with score t at index i in row r (``index=None`` counts only
-    strictly greater scores: the "optimistic" tie policy). Rows are processed ``max_rows`` at a time so the
+    strictly greater scores: the "optimistic" tie policy). With ``index`` given, row r must hold the item itself
+    (score exactly t at column i), as it does for every caller: ranks of listed gallery items. Rows are processed ``max_rows`` at a time so the
     temporary copy stays within the block budget.
     """
     out = torch.empty(rows.shape[0], dtype=torch.int64, device=scores.device)
@@ -106,6 +107,11 @@ def count_ranked_before(
         # int32 sums of bool are several times faster than the default int64 reduction on CPU
         count = (sub > t).sum(dim=1, dtype=torch.int32).to(torch.int64)
         if index is not None:
-            count += ((sub == t) & (cols < index[sl].unsqueeze(1))).sum(dim=1, dtype=torch.int32)
+            # the item itself scores exactly t, so only rows with another item at t need the index-aware count
+            # (one pass over the copy instead of three: exact ties are rare outside constructed data)
+            tied = torch.nonzero((sub == t).sum(dim=1, dtype=torch.int32) > 1).squeeze(1)
+            if tied.numel():
+                before = (sub[tied] == t[tied]) & (cols < index[sl][tied].unsqueeze(1))
+                count[tied] += before.sum(dim=1, dtype=torch.int32)
         out[sl] = count
     return out

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from deepmetric.losses.base import MetricLoss, Mined, MinedPairs, MinedTriplets
+from deepmetric.losses.base import MetricLoss, Mined, MinedPairs, MinedTriplets, PairLoss, Pairs
 from deepmetric.losses.binomial import BinomialDevianceLoss
+from deepmetric.losses.classification import ArcFaceLoss, NormalizedSoftmaxLoss, SoftTripleLoss
 from deepmetric.losses.contrastive import ContrastiveLoss
 from deepmetric.losses.lifted import LiftedStructureLoss
 from deepmetric.losses.margin import MarginLoss
 from deepmetric.losses.multi_similarity import MultiSimilarityLoss, WeightLoss
 from deepmetric.losses.nca import NCALoss
 from deepmetric.losses.npair import NPairLoss
-from deepmetric.losses.proxy import (
-    ArcFaceLoss,
-    NormalizedSoftmaxLoss,
-    ProxyAnchorLoss,
-    ProxyLoss,
-    ProxyNCALoss,
-    SoftTripleLoss,
-)
+from deepmetric.losses.proxy import ProxyAnchorLoss, ProxyLoss, ProxyNCALoss
 from deepmetric.losses.triplet import TripletMarginLoss
 
 LOSSES: dict[str, type[MetricLoss]] = {
@@ -40,6 +34,6 @@ LOSSES: dict[str, type[MetricLoss]] = {
 __all__ = [
     "LOSSES", "ArcFaceLoss", "BinomialDevianceLoss", "ContrastiveLoss", "LiftedStructureLoss", "MarginLoss",
     "MetricLoss", "Mined", "MinedPairs", "MinedTriplets", "MultiSimilarityLoss", "NCALoss", "NPairLoss",
-    "NormalizedSoftmaxLoss", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "SoftTripleLoss",
+    "NormalizedSoftmaxLoss", "PairLoss", "Pairs", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "SoftTripleLoss",
     "TripletMarginLoss", "WeightLoss",
 ]

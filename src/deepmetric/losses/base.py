@@ -1,4 +1,4 @@
-"""Base class, the one signature shared by every loss, and the dense representation of mined tuples.
+"""Base classes, the one signature shared by every loss, and the dense representation of mined tuples.
 
 Signature::
 
@@ -16,30 +16,37 @@ Mined tuples (what a miner returns and what ``mined=`` accepts) come in two dens
 
 Both are validated against the labels and ``ignore_mask`` before use: a "positive" with a different label or an
 ignored pair is dropped, so a miner can never re-introduce a self-pair removed by index.
+
+:class:`PairLoss` is the base of every loss on a B×R matrix: it computes the matrix (cosine similarity, distance
+or squared distance) and the positive/negative masks once, and a subclass is its formula on them
+(:meth:`PairLoss.pair_loss`). Autograd does every backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from deepmetric.functional import label_masks, resolve_reference
-from deepmetric.losses import _fast
+from deepmetric.functional import (
+    as_float,
+    cosine_similarity_matrix,
+    l2_normalize,
+    label_masks,
+    pairwise_distance,
+    resolve_reference,
+    row_distance,
+)
 
 
 @dataclass(frozen=True)
 class MinedPairs:
-    """Dense pair selection: ``positive`` and ``negative`` are B×R bool masks (True = use this pair).
-
-    ``_source``: set by the built-in miners, as for :class:`MinedTriplets`; a lean pair loss given the very inputs
-    mined on reuses the miner's normalisation and similarity matrix and takes the masks as valid.
-    """
+    """Dense pair selection: ``positive`` and ``negative`` are B×R bool masks (True = use this pair)."""
 
     positive: Tensor
     negative: Tensor
-    _source: _fast.MiningSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.positive.shape != self.negative.shape or self.positive.dim() != 2:
@@ -63,16 +70,11 @@ class MinedPairs:
 
 @dataclass(frozen=True)
 class MinedTriplets:
-    """Triplets as index tensors: ``anchor`` rows of the batch, ``positive``/``negative`` columns of the reference.
-
-    ``_source`` is set by the built-in miners (:class:`deepmetric.losses._fast.MiningSource`): a lean loss given
-    the very inputs mined on reuses the miner's normalisation and skips re-validating the triplets.
-    """
+    """Triplets as index tensors: ``anchor`` rows of the batch, ``positive``/``negative`` columns of the reference."""
 
     anchor: Tensor
     positive: Tensor
     negative: Tensor
-    _source: _fast.MiningSource | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.anchor.shape
@@ -106,7 +108,7 @@ Mined = MinedPairs | MinedTriplets
 def pair_masks(
     labels: Tensor, ref_labels: Tensor, ignore_mask: Tensor | None, mined: Mined | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The (positive, negative) B×R masks a pair loss should use: all valid pairs, or the mined ones ∩ valid."""
+    """The (positive, negative) B×R bool masks a pair loss uses: all valid pairs, or the mined ones ∩ valid."""
     pos, neg = label_masks(labels, ref_labels, ignore_mask)
     if mined is None:
         return pos, neg
@@ -136,15 +138,18 @@ class MetricLoss(nn.Module):
       (embeddings, references); restricts the loss to those tuples. Losses that cannot use tuples (proxy and
       classification losses) set ``accepts_mined = False`` and raise a ``TypeError`` when given one.
 
-    Subclasses implement :meth:`compute` on already-resolved references. Subclasses with
-    ``accepts_mined = True`` receive ``mined`` as a keyword; others are called with the five positional
-    arguments only (the original contract). ``lr_multiplier`` is the learning-rate multiplier the trainer
-    applies to this module's own parameters (proxies, learnable margins).
+    Subclasses implement :meth:`compute` on already-resolved references (for a self comparison the references
+    are ``embeddings`` itself and the diagonal is in ``ignore_mask``). Subclasses with ``accepts_mined = True``
+    receive ``mined`` as a keyword; others are called with the five positional arguments only.
+
+    ``lr_multiplier``: the learning-rate multiplier the trainer applies to this module's own parameters
+    (proxies, learnable margins). ``build_arguments``: the facts of the run (e.g. ``"num_classes"``,
+    ``"embedding_size"``) that a builder must pass to the constructor.
     """
 
     lr_multiplier: float = 1.0
-    accepts_mined: bool = False
-    fast: bool = False  # True: forward() uses fast_compute()
+    accepts_mined: ClassVar[bool] = False
+    build_arguments: ClassVar[tuple[str, ...]] = ()
 
     def forward(
         self,
@@ -156,14 +161,6 @@ class MetricLoss(nn.Module):
         ignore_mask: Tensor | None = None,
         mined: Mined | None = None,
     ) -> Tensor:
-        if self.fast:
-            # Lean path: no B×B identity, masks built once, analytic backward (see deepmetric.losses._fast).
-            ref_e, ref_l, ignore, self_cmp = _fast.resolve(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
-            if mined is not None:
-                self._check_mined(mined)
-            # autocast off: similarities, softmaxes and row dots accumulate in fp32 (half inputs are promoted)
-            with _fast.full_precision(embeddings.device):
-                return self.fast_compute(embeddings, labels, ref_e, ref_l, ignore, self_cmp, mined)
         ref_e, ref_l, ignore = resolve_reference(embeddings, labels, ref_embeddings, ref_labels, ignore_mask)
         if mined is None:
             return self.compute(embeddings, labels, ref_e, ref_l, ignore)
@@ -173,23 +170,85 @@ class MetricLoss(nn.Module):
             raise TypeError(f"mined must be MinedPairs or MinedTriplets, got {type(mined).__name__}")
         return self.compute(embeddings, labels, ref_e, ref_l, ignore, mined=mined)
 
-    def _check_mined(self, mined: object) -> None:
-        if not self.accepts_mined:
-            raise TypeError(f"{type(self).__name__} does not take mined tuples (mined=); it is not a pair/triplet loss")
-        if not isinstance(mined, (MinedPairs, MinedTriplets)):
-            raise TypeError(f"mined must be MinedPairs or MinedTriplets, got {type(mined).__name__}")
-
     def compute(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
         ignore_mask: Tensor | None, mined: Mined | None = None,
     ) -> Tensor:
         raise NotImplementedError
 
-    def fast_compute(
+
+Metric = Literal["cosine", "distance", "squared_distance"]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """What a pair loss reads: the B×R ``matrix``, its pair masks and the anchors' ``labels``.
+
+    ``positive`` / ``negative``: 0/1 in the matrix's dtype (same label / other label, minus ignored and
+    self pairs, ∩ mined pairs). Losses select with them by multiplication, a plain dense pass.
+    """
+
+    matrix: Tensor
+    positive: Tensor
+    negative: Tensor
+    labels: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.positive.shape[0]
+
+
+class PairLoss(MetricLoss):
+    """A loss that is a formula on one B×R matrix and its masks, both computed here once.
+
+    ``metric`` (set by the subclass): ``"cosine"`` similarity, Euclidean ``"distance"`` or
+    ``"squared_distance"`` (between L2-normalised rows when ``normalize_embeddings``). Subclasses implement
+    :meth:`pair_loss`.
+    """
+
+    accepts_mined = True
+    metric: Metric = "cosine"
+    normalize_embeddings: bool = True
+
+    def compute(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
-        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
+        ignore_mask: Tensor | None, mined: Mined | None = None,
     ) -> Tensor:
-        """Lean implementation used by :meth:`forward` when ``fast`` is True; same value and gradient as
-        :meth:`compute` (the reference implementation, kept for tests and subclasses). ``self_cmp``: the
-        references are the batch itself and the diagonal is an ignored pair (not included in ``ignore_mask``)."""
+        pairs = self.pairs(embeddings, labels, ref_embeddings, ref_labels, ignore_mask, mined)
+        return self.pair_loss(pairs, embeddings, ref_embeddings)
+
+    def pairs(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
+        ignore_mask: Tensor | None, mined: Mined | None = None,
+    ) -> Pairs:
+        matrix = self.pair_matrix(embeddings, ref_embeddings)
+        pos, neg = pair_masks(labels, ref_labels, ignore_mask, mined)
+        return Pairs(matrix, pos.to(matrix.dtype), neg.to(matrix.dtype), labels)
+
+    def pair_matrix(self, embeddings: Tensor, ref_embeddings: Tensor) -> Tensor:
+        if self.metric == "cosine":
+            return cosine_similarity_matrix(embeddings, ref_embeddings)
+        return pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings,
+                                 squared=self.metric == "squared_distance")
+
+    def pair_loss(self, pairs: Pairs, embeddings: Tensor, ref_embeddings: Tensor) -> Tensor:
+        """The loss from ``pairs``; ``embeddings``/``ref_embeddings`` for losses that also read the rows."""
         raise NotImplementedError
+
+    def triplet_distances(
+        self, embeddings: Tensor, ref_embeddings: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """(D_ap, D_an) of T given triplets in this loss's distance, from the 3T gathered rows: O(T·d), no B×R
+        matrix (triplet losses on :class:`MinedTriplets`)."""
+        if self.metric == "cosine":
+            raise TypeError(f"{type(self).__name__} compares cosine similarities, not triplet distances")
+        same = ref_embeddings is embeddings
+        x = as_float(embeddings)
+        r = x if same else as_float(ref_embeddings)
+        if self.normalize_embeddings:
+            x = l2_normalize(x)
+            r = x if same else l2_normalize(r)
+        xa = x.index_select(0, anchor)
+        squared = self.metric == "squared_distance"
+        return (row_distance(xa, r.index_select(0, positive), squared),
+                row_distance(xa, r.index_select(0, negative), squared))

@@ -1,42 +1,39 @@
-"""Proxy- and classification-style losses: Proxy-NCA, Proxy-Anchor, Normalized Softmax, ArcFace, SoftTriple.
+"""Proxy losses: the base of every loss against learnable class proxies, Proxy-Anchor and Proxy-NCA.
 
 They compare each embedding with learnable class proxies (C×d), not with other samples: ``ref_embeddings``,
 ``ref_labels`` and ``ignore_mask`` are accepted (one signature for every loss, e.g. under cross-batch memory) but
 ignored, and ``mined=`` is refused. Labels must be integers in 0..num_classes−1. ``lr_multiplier`` is applied
-by the trainer to the proxies.
+by the trainer to the proxies. The classification-style proxy losses are in :mod:`deepmetric.losses.classification`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric.functional import (
-    as_float,
-    cosine_similarity_matrix,
-    masked_logsumexp,
-    pairwise_distance,
-)
-from deepmetric.losses import _fast
+from deepmetric.functional import as_float, cosine_similarity_matrix, masked_logsumexp, pairwise_distance
 from deepmetric.losses.base import MetricLoss, Mined
 
 
 class ProxyLoss(MetricLoss):
-    """Base for proxy losses: owns ``proxies`` (C×d) and checks labels."""
+    """Base for proxy losses: owns ``proxies`` (C×d) and checks labels. Subclasses implement :meth:`proxy_loss`."""
 
     accepts_mined = False
+    build_arguments = ("num_classes", "embedding_size")
 
     def __init__(self, num_classes: int, embedding_size: int, lr_multiplier: float = 1.0) -> None:
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"{type(self).__name__}: num_classes and embedding_size must be >= 1")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
-        self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        self.proxies = nn.Parameter(torch.empty(self.num_rows(), self.embedding_size))
         self.lr_multiplier = float(lr_multiplier)
         self.reset_parameters()
+
+    def num_rows(self) -> int:
+        """Rows of ``proxies`` (one per class; SoftTriple has several)."""
+        return self.num_classes
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.proxies)
@@ -63,20 +60,6 @@ class ProxyLoss(MetricLoss):
     def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def fast_compute(
-        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor,
-        ignore_mask: Tensor | None, self_cmp: bool, mined: Mined | None = None,
-    ) -> Tensor:
-        self._check(embeddings, labels)
-        return self.fast_proxy_loss(embeddings, labels.long())
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return self.proxy_loss(embeddings, labels)
-
-    def _fast_state(self, embeddings: Tensor) -> _fast.PairState:
-        """Anchors vs the proxies (cast to the computation dtype; the cast's backward returns the proxies' dtype)."""
-        return _fast.prepare(embeddings, self._proxies_for(embeddings), fold_norms=True)
-
 
 class ProxyAnchorLoss(ProxyLoss):
     r"""Proxy-Anchor loss. Kim, Kim, Cho, Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020.
@@ -101,31 +84,11 @@ class ProxyAnchorLoss(ProxyLoss):
 
     def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cos = cosine_similarity_matrix(embeddings, self._proxies_for(embeddings))  # B×C
-        onehot = labels.unsqueeze(1) == torch.arange(self.num_classes, device=labels.device).unsqueeze(0)
+        onehot = F.one_hot(labels, self.num_classes).to(cos.dtype)
         pos_term = masked_logsumexp(-self.alpha * (cos - self.margin), onehot, dim=0, add_one=True)
-        neg_term = masked_logsumexp(self.alpha * (cos + self.margin), ~onehot, dim=0, add_one=True)
-        n_with_pos = onehot.any(0).sum().clamp_min(1)
+        neg_term = masked_logsumexp(self.alpha * (cos + self.margin), 1.0 - onehot, dim=0, add_one=True)
+        n_with_pos = (onehot.sum(0) > 0).sum().clamp_min(1)
         return pos_term.sum() / n_with_pos + neg_term.sum() / self.num_classes
-
-    fast = True
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        st = self._fast_state(embeddings)
-        with torch.no_grad():
-            cos = _fast.similarity(st).t()  # C×B: per-proxy rows
-            onehot = torch.zeros(cos.shape, dtype=torch.bool, device=cos.device)
-            onehot[labels, torch.arange(labels.shape[0], device=labels.device)] = True
-            a, m = self.alpha, self.margin
-            bound = a * (1.0 + abs(m))
-            n_with_pos = float(max(int(_fast.row_any(onehot).sum()), 1))
-            # ∂L/∂cos = −α·W⁺/|P⁺| + α·W⁻/C (the factors folded into the softmax normalisation)
-            a_p = torch.add(cos.new_tensor(a * m), cos, alpha=-a)
-            v_p, w_p = _fast.log1p_sum_exp(a_p, onehot, bound, a / n_with_pos)
-            v_n, w_n = _fast.log1p_sum_exp(torch.add(cos.new_tensor(a * m), cos, alpha=a, out=cos), ~onehot, bound,
-                                           a / self.num_classes)
-            value = v_p.sum() / n_with_pos + v_n.sum() / self.num_classes
-            G = w_n.sub_(w_p).t()
-        return _fast.finish(st, value, G)
 
 
 class ProxyNCALoss(ProxyLoss):
@@ -147,141 +110,3 @@ class ProxyNCALoss(ProxyLoss):
     def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         d2 = pairwise_distance(embeddings, self._proxies_for(embeddings), normalize=True, squared=True)
         return F.cross_entropy(-self.softmax_scale * d2, labels)
-
-    fast = True
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        st = self._fast_state(embeddings)
-        with torch.no_grad():
-            s = self.softmax_scale
-            z = _fast.distance(st, squared=True).mul_(-s)  # D² ≤ 4 on unit rows
-            value, w = _fast.cross_entropy(z, labels, 4.0 * abs(s) * (1.0 + 1e-3))
-            G = _fast.distance_grad(st, w.mul_(-s), None, squared=True)  # type: ignore[arg-type]
-        return _fast.finish(st, value, G)
-
-
-class NormalizedSoftmaxLoss(ProxyLoss):
-    r"""Normalized softmax. Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019.
-
-        L = mean_i −log softmax(x̂_iᵀŴ / T)_{y_i},   T = ``temperature`` = 0.05
-
-    Same as PML ``NormalizedSoftmaxLoss`` (PML stores W as d×C; here ``proxies`` is C×d). Init N(0, 1).
-    """
-
-    def __init__(
-        self, num_classes: int, embedding_size: int, temperature: float = 0.05, *, lr_multiplier: float = 1.0,
-    ) -> None:
-        super().__init__(num_classes, embedding_size, lr_multiplier)
-        self.temperature = float(temperature)
-
-    def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        cos = cosine_similarity_matrix(embeddings, self._proxies_for(embeddings))
-        return F.cross_entropy(cos / self.temperature, labels)
-
-    fast = True
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        st = self._fast_state(embeddings)
-        with torch.no_grad():
-            s = 1.0 / self.temperature
-            value, G = _fast.cross_entropy(_fast.similarity(st).mul_(s), labels, abs(s) * (1.0 + 1e-3), s)
-        return _fast.finish(st, value, G)
-
-
-class ArcFaceLoss(ProxyLoss):
-    r"""ArcFace (additive angular margin). Deng, Guo, Xue, Zafeiriou, CVPR 2019.
-
-        logit_ic = s·cos(θ_ic + m·[c = y_i]),   L = mean_i cross-entropy(logit_i, y_i)
-
-    ``margin`` in degrees (PML convention, 28.6° ≈ 0.5 rad), ``scale`` s = 64. As in PML, when θ + m would pass
-    π the target logit becomes s·(cos θ − m·sin m) to keep the loss monotonic. cos is clamped to
-    [−1 + 1e-7, 1 − 1e-7] before arccos so its gradient stays finite (PML clamps to [−1, 1]).
-    """
-
-    def __init__(
-        self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64.0,
-        *, lr_multiplier: float = 1.0,
-    ) -> None:
-        super().__init__(num_classes, embedding_size, lr_multiplier)
-        self.margin, self.scale = float(margin), float(scale)
-
-    def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        cos = cosine_similarity_matrix(embeddings, self._proxies_for(embeddings))
-        m = math.radians(self.margin)
-        target = cos.gather(1, labels.unsqueeze(1))
-        theta = torch.acos(target.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
-        modified = torch.where(theta <= math.pi - m, torch.cos(theta + m), target - m * math.sin(m))
-        logits = cos.scatter(1, labels.unsqueeze(1), modified)
-        return F.cross_entropy(self.scale * logits, labels)
-
-    fast = True
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        st = self._fast_state(embeddings)
-        with torch.no_grad():
-            cos = _fast.similarity(st)
-            t = labels.unsqueeze(1)
-            m, lo, hi = math.radians(self.margin), -1.0 + 1e-7, 1.0 - 1e-7
-            target = cos.gather(1, t)
-            clamped = target.clamp(lo, hi)
-            theta = torch.acos(clamped)
-            on_arc = theta <= math.pi - m
-            modified = torch.where(on_arc, torch.cos(theta + m), target - m * math.sin(m))
-            # d cos(θ + m)/d cos θ = sin(θ + m)/sin θ where the clamp passes the gradient; 1 on the linear branch
-            passes = (target >= lo) & (target <= hi)
-            slope = torch.where(on_arc & passes, torch.sin(theta + m) * torch.rsqrt(1.0 - clamped * clamped), 0.0)
-            slope = torch.where(on_arc, slope, 1.0)
-            s = self.scale
-            z = cos.scatter_(1, t, modified).mul_(s)
-            value, G = _fast.cross_entropy(z, labels, abs(s) * (1.0 + m + 1e-3), s)
-            G.scatter_(1, t, G.gather(1, t).mul_(slope))
-        return _fast.finish(st, value, G)
-
-
-class SoftTripleLoss(ProxyLoss):
-    r"""SoftTriple. Qian, Shang, Sun, Hu, Li, Jin, "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling",
-    ICCV 2019. K = ``centers_per_class`` centres per class (``proxies`` is (C·K)×d, class-major):
-
-        S'_ic = Σ_k softmax_k(S_ick / γ)·S_ick,   L = mean_i cross-entropy(λ(S'_i − δ·onehot(y_i)), y_i)
-
-    Defaults λ = ``la`` = 20, γ = 0.1, δ = ``margin`` = 0.01, K = 10 (PML). Deviation shared with PML: the
-    paper's centre-merging regulariser (τ) is not included. Init kaiming-uniform(a=√5).
-    """
-
-    def __init__(
-        self, num_classes: int, embedding_size: int, centers_per_class: int = 10, la: float = 20.0,
-        gamma: float = 0.1, margin: float = 0.01, *, lr_multiplier: float = 1.0,
-    ) -> None:
-        self.centers_per_class = int(centers_per_class)
-        super().__init__(num_classes, embedding_size, lr_multiplier)
-        self.proxies = nn.Parameter(torch.empty(self.num_classes * self.centers_per_class, self.embedding_size))
-        self.reset_parameters()
-        self.la, self.gamma, self.margin = float(la), float(gamma), float(margin)
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))
-
-    def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        sim = cosine_similarity_matrix(embeddings, self._proxies_for(embeddings))
-        sim = sim.view(-1, self.num_classes, self.centers_per_class)
-        prob = F.softmax(sim / self.gamma, dim=2)
-        sim_to_classes = (prob * sim).sum(2)
-        margin = torch.zeros_like(sim_to_classes).scatter(1, labels.unsqueeze(1), self.margin)
-        return F.cross_entropy(self.la * (sim_to_classes - margin), labels)
-
-    fast = True
-
-    def fast_proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        st = self._fast_state(embeddings)
-        with torch.no_grad():
-            sim = _fast.similarity(st)
-            b, inv_gamma, la = sim.shape[0], 1.0 / self.gamma, self.la
-            sim3 = sim.view(b, self.num_classes, self.centers_per_class)
-            prob = torch.softmax(sim3 * inv_gamma, dim=2)
-            to_class = torch.linalg.vecdot(prob, sim3)  # B×C
-            t = labels.unsqueeze(1)
-            z = (to_class * la).scatter_add_(1, t, to_class.new_full((b, 1), -la * self.margin))
-            value, w = _fast.cross_entropy(z, labels, abs(la) * (1.0 + abs(self.margin) + 1e-3), la)
-            # ∂S'_c/∂S_ck = p_k·(1 + (S_ck − S'_c)/γ)
-            G = sim3.sub_(to_class.unsqueeze(2)).mul_(inv_gamma).add_(1.0).mul_(prob).mul_(w.unsqueeze(2))
-        return _fast.finish(st, value, G.view(b, -1))

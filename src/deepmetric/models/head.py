@@ -7,16 +7,16 @@ BN "frozen" meaning running statistics only (MS, MDR, IAA, DAS) or statistics an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Pooling = Literal["avg", "max", "avg+max"]
-BNPolicy = Literal["train", "freeze_stats", "freeze_stats_and_affine"]
-POOLINGS = ("avg", "max", "avg+max")
-BN_POLICIES = ("train", "freeze_stats", "freeze_stats_and_affine")
-HEAD_INITS = ("default", "kaiming_fan_out")
+from deepmetric.models.config import BNPolicy, HeadInit, Pooling
+
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+BN_POLICIES: tuple[str, ...] = get_args(BNPolicy)
+HEAD_INITS: tuple[str, ...] = get_args(HeadInit)
 
 
 def global_pool(x: Tensor, pooling: str) -> Tensor:

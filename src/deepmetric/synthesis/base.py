@@ -1,65 +1,56 @@
-"""Shared pieces of the synthesis wrappers: the trainer-facing base class, a seedable random source whose state is
-part of ``state_dict()``, and the ignore mask for "an anchor's own synthetic copies".
+"""Shared pieces of the synthesis wrappers: their base class, the ignore mask for "an anchor's own synthetic
+copies" and input checks. (:class:`~deepmetric.random_source.RandomSource` is re-exported for the wrappers.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from deepmetric.functional import check_loss_inputs
+from deepmetric.loss_hooks import LossWrapper, TrainingHooks
 from deepmetric.random_source import RandomSource
 
 LossFn = Callable[..., Tensor]
 
+__all__ = ["LossFn", "RandomSource", "SynthesisMethod", "check_embeddings", "check_labels", "own_copy_ignore_mask"]
 
-class SynthesisMethod(nn.Module):
-    """Base class of every synthesis wrapper (IAA, DAS, MDR, SGAR).
 
-    A wrapper owns a base loss (any module with the library signature
-    ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, ignore_mask=None)``) and is called by the
-    trainer instead of it::
+class SynthesisMethod(LossWrapper, TrainingHooks):
+    """Base class of every synthesis wrapper (IAA, DAS, MDR, SGAR): a loss around a base loss.
 
-        loss, logs = method(embeddings, labels, features=pooled, head=model.head, step=it, epoch=ep)
+    ``method(embeddings, labels) -> scalar`` with the library loss signature; the base loss is any module with
+    ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, ignore_mask=None)`` — a plain loss or a
+    :class:`~deepmetric.memory.CrossBatchMemory` (the memory is always the inner wrapper: it sees and enqueues
+    the rows the method hands it). A method builds its own reference rows (the batch and its synthetic copies),
+    so ``ref_embeddings`` is refused. Detached terms are in ``last_logs`` after each call (always ``"loss"``).
 
-    Class attributes tell the trainer what to feed it:
+    Class attributes tell the trainer and the builder what to feed it:
 
     * ``expects_normalized_embeddings`` — whether ``embeddings`` must be the L2-normalised model output (True) or
       the raw head output (False). Instances may override it from their constructor arguments.
-    * ``needs_features`` / ``needs_head`` — whether ``features`` (pooled backbone output before the head) and the
-      ``head`` module must be passed.
-    * ``needs_num_classes`` — the constructor takes ``num_classes`` and ``embedding_size`` (per-class state).
+    * ``needs_features`` / ``needs_head`` — whether :class:`~deepmetric.loss_hooks.StepContext` must carry the
+      pooled backbone features and the head module (SGAR in feature space).
+    * ``build_arguments`` — run facts the constructor takes (``num_classes``, ``embedding_size``,
+      ``total_epochs``).
 
-    ``on_epoch_start(epoch, model, loader)`` is called by the trainer before each epoch. ``epoch`` (here and in
-    ``forward``) is the trainer's **0-based** epoch counter; methods that follow a paper's 1-based schedule
-    convert it themselves (IAA). The default does nothing.
-
-    ``logs`` always contains ``"loss"`` (the returned total, as a float) plus method-specific terms.
+    Step and epoch arrive through the :class:`~deepmetric.loss_hooks.TrainingHooks` methods
+    ``on_step_start(context)`` and ``on_epoch_start(epoch, model, loader)``; ``epoch`` is the trainer's
+    **0-based** epoch counter, and methods that follow a paper's 1-based schedule convert it themselves (IAA).
     """
 
     expects_normalized_embeddings: bool = True
-    needs_features: bool = False
     needs_head: bool = False
-    needs_num_classes: ClassVar[bool] = False
-    lr_multiplier: float = 1.0
 
-    def on_epoch_start(self, epoch: int, model: nn.Module | None = None, loader: Iterable[Any] | None = None) -> None:
-        """Hook called before every (0-based) epoch; stateless methods ignore it."""
-
-    def forward(  # pragma: no cover - interface only
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        *,
-        features: Tensor | None = None,
-        head: nn.Module | None = None,
-        step: int | None = None,
-        epoch: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+    def _refuse_references(self, ref_embeddings: Tensor | None) -> None:
+        if ref_embeddings is not None:
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} builds its own reference rows and takes no ref_embeddings; to add a cross-batch memory, "
+                f"wrap it inside: {name}(CrossBatchMemory(loss, ...))"
+            )
 
 
 def own_copy_ignore_mask(batch_size: int, num_copies: int, device: torch.device | str | None = None) -> Tensor:

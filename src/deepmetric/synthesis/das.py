@@ -12,14 +12,21 @@ Per training iteration, before the loss:
    is empty); L2-normalise unless ``normalize=False``.
 4. E' = [E; Ẽ¹; …; Ẽᴾ] (B(1+P) rows), y' = [y; …; y]; **every row is an anchor**. With ``aux_loss``:
    L = loss(E) + w·loss(E'); otherwise L = loss(E').
+
+Composition: a miner mines on the rows the loss sees (E' or E); ``DAS(CrossBatchMemory(loss, miner))`` is XBM over
+DAS-produced embeddings — the memory enqueues every row of E' (see :mod:`deepmetric.memory`). With ``aux_loss``
+the inner loss runs twice per step, so it must not be a memory (it would enqueue the real rows twice).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from deepmetric.functional import l2_normalize
+from deepmetric.loss_hooks import LossWrapper
 from deepmetric.synthesis.base import (
     LossFn,
     RandomSource,
@@ -195,18 +202,19 @@ class DAS(SynthesisMethod):
     ``L = base(E', y')`` with every row an anchor (code semantics; an anchor's own copies are positives), or
     ``base(E, y) + aux_loss_weight·base(E', y')`` with ``aux_loss=True``. ``exclude_own_copies=True`` (not in
     the code) removes each row's own copies from its pairs via ``ignore_mask``. ``num_produce=0`` gives exactly
-    the base loss. Statistics are updated only in training mode. ``miner`` (``miner(e, y) -> mined``) is run on
-    the rows the loss sees (E' or E) and passed to the base loss as ``mined=``.
+    the base loss. Statistics are updated only in training mode. ``miner`` is run on the rows the loss sees
+    (E' or E, with the own-copy mask under ``exclude_own_copies``) and passed to the base loss as ``mined=``.
     """
 
-    needs_num_classes = True
+    build_arguments: ClassVar[tuple[str, ...]] = ("num_classes", "embedding_size")
 
     def __init__(
         self,
         loss: LossFn,
+        miner: nn.Module | None = None,
+        *,
         num_classes: int,
         embedding_size: int,
-        *,
         num_produce: int = 3,
         dfs_num_scale: int = 4,
         scale_left: float = 0.5,
@@ -218,14 +226,14 @@ class DAS(SynthesisMethod):
         aux_loss: bool = False,
         aux_loss_weight: float = 1.0,
         exclude_own_copies: bool = False,
-        miner: nn.Module | None = None,
         seed: int | None = 0,
     ) -> None:
-        super().__init__()
-        if miner is not None and exclude_own_copies:
-            raise ValueError("DAS: exclude_own_copies=True cannot be combined with a miner (it needs ignore_mask)")
-        self.base_loss = loss
-        self.miner = miner
+        super().__init__(loss, miner)
+        if aux_loss and isinstance(loss, LossWrapper):
+            raise ValueError(
+                f"DAS: aux_loss=True calls the inner loss twice per step, but the inner loss is a "
+                f"{type(loss).__name__}, whose state (e.g. a memory queue) would advance twice; use aux_loss=False"
+            )
         self.aux_loss = aux_loss
         self.aux_loss_weight = aux_loss_weight
         self.exclude_own_copies = exclude_own_copies
@@ -240,34 +248,29 @@ class DAS(SynthesisMethod):
         self,
         embeddings: Tensor,
         labels: Tensor,
-        *,
-        features: Tensor | None = None,
-        head: nn.Module | None = None,
-        step: int | None = None,
-        epoch: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        self._refuse_references(ref_embeddings)
         p = self.producer.num_produce
         if p == 0:
             if self.training:
                 self.producer.update(embeddings, labels)
-            loss = self._plain(embeddings, labels)
-            return loss, {"loss": float(loss.detach())}
+            loss = self.inner_loss(embeddings, labels)
+            self.last_logs = {"loss": loss.detach()}
+            return loss
         e_all, y_all, _ = self.producer(embeddings, labels)
         b = embeddings.shape[0]
         if self.exclude_own_copies:
             idx = torch.arange(e_all.shape[0], device=embeddings.device) % b
             ignore = idx.unsqueeze(1) == idx.unsqueeze(0)  # row i ≡ column j (mod B): the same source sample
-            loss = self.base_loss(e_all, y_all, e_all, y_all, ignore_mask=ignore)
+            loss = self.inner_loss(e_all, y_all, ignore_mask=ignore)
         else:
-            loss = self._plain(e_all, y_all)
+            loss = self.inner_loss(e_all, y_all)
         if self.aux_loss:
-            loss = self._plain(embeddings, labels) + self.aux_loss_weight * loss
+            loss = self.inner_loss(embeddings, labels) + self.aux_loss_weight * loss
         with torch.no_grad():
             real = e_all[:b].detach().repeat(p, 1)
             shift = (e_all[b:].detach() - real).norm(dim=1).mean()
-        return loss, {"loss": float(loss.detach()), "das_mean_shift": float(shift)}
-
-    def _plain(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if self.miner is not None:
-            return self.base_loss(embeddings, labels, mined=self.miner(embeddings, labels))
-        return self.base_loss(embeddings, labels)
+        self.last_logs = {"loss": loss.detach(), "das_mean_shift": shift}
+        return loss

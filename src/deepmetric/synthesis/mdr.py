@@ -116,6 +116,7 @@ class MDR(SynthesisMethod):
     def __init__(
         self,
         loss: LossFn,
+        miner: nn.Module | None = None,
         *,
         lambda_mdr: float = 0.6,
         nu: float = 0.01,
@@ -123,11 +124,8 @@ class MDR(SynthesisMethod):
         momentum: float = 0.9,
         include_diagonal_in_stats: bool = True,
         scale_by_batch_distance: bool = True,
-        miner: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.base_loss = loss
-        self.miner = miner
+        super().__init__(loss, miner)
         self.lambda_mdr = lambda_mdr
         self.nu = nu
         self.regularizer = MDRRegularizer(levels, momentum, include_diagonal_in_stats)
@@ -137,24 +135,20 @@ class MDR(SynthesisMethod):
         self,
         embeddings: Tensor,
         labels: Tensor,
-        *,
-        features: Tensor | None = None,
-        head: nn.Module | None = None,
-        step: int | None = None,
-        epoch: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        self._refuse_references(ref_embeddings)
         check_embeddings(embeddings, labels, "MDR")
         z = self.scale(embeddings) if self.scale is not None else embeddings
-        if self.miner is not None:
-            loss = self.base_loss(z, labels, mined=self.miner(z, labels))
-        else:
-            loss = self.base_loss(z, labels)
-        logs: dict[str, float] = {}
+        loss = self.inner_loss(z, labels)
+        logs: dict[str, Tensor | float] = {}
         if self.lambda_mdr != 0:
             reg = self.regularizer(z)
             loss = loss + self.lambda_mdr * reg
-            logs["mdr_loss"] = float(reg.detach())
+            logs["mdr_loss"] = reg.detach()
         if self.nu != 0:
             loss = loss + self.nu * self.regularizer.levels.pow(2).sum()
-        logs["loss"] = float(loss.detach())
-        return loss, logs
+        logs["loss"] = loss.detach()
+        self.last_logs = logs
+        return loss

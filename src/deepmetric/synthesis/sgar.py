@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.functional import l2_normalize
+from deepmetric.loss_hooks import StepContext
 from deepmetric.synthesis.base import LossFn, RandomSource, SynthesisMethod, check_embeddings
 
 Space = Literal["feature", "embedding"]
@@ -61,8 +62,9 @@ class SynthesisRankingRegularizer(SynthesisMethod):
     * ``detach_features``: in feature space the source r_i is detached, so the regularizer trains g only (the
       real z_i in s_j still carries gradient). Ignored in embedding space.
 
-    Expects the model's normalised output as ``embeddings`` (it is re-normalised anyway), plus ``features`` and
-    ``head`` in feature space. With ``a=0`` and ``lambda_r=0`` the loss equals the base loss exactly. Un-gated
+    Expects the model's normalised output as ``embeddings`` (it is re-normalised anyway), plus the step's
+    ``features`` and ``head`` in feature space, which arrive through :meth:`on_step_start` (a
+    :class:`~deepmetric.loss_hooks.StepContext`). A ``miner`` restricts the base loss on the real batch. With ``a=0`` and ``lambda_r=0`` the loss equals the base loss exactly. Un-gated
     samples receive no gradient from the regularizer.
     """
 
@@ -71,6 +73,7 @@ class SynthesisRankingRegularizer(SynthesisMethod):
     def __init__(
         self,
         loss: LossFn,
+        miner: nn.Module | None = None,
         *,
         num_intensities: int = 5,
         a: float = 0.1,
@@ -88,7 +91,7 @@ class SynthesisRankingRegularizer(SynthesisMethod):
         proxies_attr: str = "proxies",
         seed: int | None = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(loss, miner)
         if space not in ("feature", "embedding"):
             raise ValueError(f"space must be 'feature' or 'embedding', got {space!r}")
         if gate not in ("proxy_sim", "all", "top_fraction"):
@@ -97,7 +100,6 @@ class SynthesisRankingRegularizer(SynthesisMethod):
             raise ValueError(f"num_intensities (J) must be ≥ 1, got {num_intensities}")
         if not 0.0 < top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        self.base_loss = loss
         self.num_intensities = num_intensities
         self.a = a
         self.relative_step = relative_step
@@ -115,9 +117,13 @@ class SynthesisRankingRegularizer(SynthesisMethod):
         self.needs_features = space == "feature"
         self.needs_head = space == "feature"
         self.rng = RandomSource(seed)
+        self.context = StepContext()
+
+    def on_step_start(self, context: StepContext) -> None:
+        self.context = context
 
     def _proxies(self) -> Tensor | None:
-        proxies = getattr(self.base_loss, self.proxies_attr, None)
+        proxies = getattr(self.loss, self.proxies_attr, None)
         return proxies if isinstance(proxies, Tensor) else None
 
     def gate_mask(self, z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -130,7 +136,7 @@ class SynthesisRankingRegularizer(SynthesisMethod):
             return torch.ones_like(labels, dtype=torch.bool), proxy_sim
         if proxy_sim is None:
             raise ValueError(
-                f"SGAR gate {self.gate!r} needs proxies: the base loss {type(self.base_loss).__name__} has no "
+                f"SGAR gate {self.gate!r} needs proxies: the base loss {type(self.loss).__name__} has no "
                 f"tensor attribute {self.proxies_attr!r}; use gate='all' or a proxy loss"
             )
         if self.gate == "proxy_sim":
@@ -149,17 +155,20 @@ class SynthesisRankingRegularizer(SynthesisMethod):
 
     def regularizer(
         self, embeddings: Tensor, labels: Tensor, features: Tensor | None = None, head: nn.Module | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """mean_{i∈G}(L_rank(i) + η·L_anc(i)) and logs; 0 when no sample passes the gate."""
         z = l2_normalize(embeddings)
         gate, proxy_sim = self.gate_mask(z, labels)
         idx = gate.nonzero(as_tuple=True)[0]
-        logs = {"sgar_gated_fraction": float(gate.float().mean())}
+        logs: dict[str, Tensor | float] = {"sgar_gated_fraction": gate.float().mean()}
         if idx.numel() == 0:
             return z.new_zeros(()), logs
         if self.space == "feature":
             if features is None or head is None:
-                raise ValueError("SGAR with space='feature' needs features= (pooled backbone output) and head=")
+                raise ValueError(
+                    "SGAR with space='feature' needs the step's features (pooled backbone output) and head: call "
+                    "on_step_start(StepContext(features=..., head=...)) before the forward"
+                )
             if features.dim() != 2 or features.shape[0] != embeddings.shape[0]:
                 raise ValueError(f"features must be B×D pooled features, got {tuple(features.shape)}")
             src = features[idx].detach() if self.detach_features else features[idx]
@@ -192,25 +201,24 @@ class SynthesisRankingRegularizer(SynthesisMethod):
             hardest = torch.where(usable, hardest, torch.zeros_like(hardest))
         l_anc = anchor_loss(hardest, sims[:, -1], self.m_a) * usable
         reg = (l_rank + self.eta * l_anc).mean()
-        logs.update(sgar_rank=float(l_rank.detach().mean()), sgar_anchor=float(l_anc.detach().mean()))
+        logs.update(sgar_rank=l_rank.detach().mean(), sgar_anchor=l_anc.detach().mean())
         return reg, logs
 
     def forward(
         self,
         embeddings: Tensor,
         labels: Tensor,
-        *,
-        features: Tensor | None = None,
-        head: nn.Module | None = None,
-        step: int | None = None,
-        epoch: int | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        self._refuse_references(ref_embeddings)
         check_embeddings(embeddings, labels, "SGAR")
-        loss = self.base_loss(embeddings, labels)
-        reg, logs = self.regularizer(embeddings, labels, features, head)
+        loss = self.inner_loss(embeddings, labels)
+        reg, logs = self.regularizer(embeddings, labels, self.context.features, self.context.head)
         total = loss + self.lambda_r * reg
-        logs["loss"] = float(total.detach())
-        return total, logs
+        logs["loss"] = total.detach()
+        self.last_logs = logs
+        return total
 
 
 #: Short name used by the registry.

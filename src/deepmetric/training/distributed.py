@@ -1,6 +1,8 @@
 r"""Multi-process training with ``torchrun`` / DDP, made exactly equivalent to one process on the global batch.
 
 Every helper is a no-op (identity) when no process group is initialised, so one training loop serves both cases.
+The process-group basics (context, init/destroy, barrier, broadcast) live in
+:mod:`deepmetric.training.process_group` and are re-exported here.
 
 How a training step uses them (the trainer does this; W = world size)::
 
@@ -13,7 +15,7 @@ How a training step uses them (the trainer does this; W = world size)::
         z, y_all = all_gather_embeddings(train_model(x.to(ctx.device)), y.to(ctx.device), ctx)
         loss = criterion(z, y_all)                        # the global-batch loss, same value on every rank
         optimizer.zero_grad()
-        (loss * ctx.world_size).backward()                # DDP all-reduces (averages) the model's gradients
+        scale_for_ddp(loss).backward()                    # W·L: DDP all-reduces (averages) the gradients
         sync_loss_parameter_grads(criterion)              # optional: bit-identical proxies on every rank
         optimizer.step()
 
@@ -61,16 +63,26 @@ the global batch; with frozen BN statistics, as in most DML recipes, nothing dif
 
 from __future__ import annotations
 
-import datetime
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler, Subset
+
+from deepmetric.training.inference import embed_dataset
+from deepmetric.training.process_group import (
+    DistributedContext,
+    barrier,
+    broadcast_object,
+    comm_device,
+    destroy_distributed,
+    get_context,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+)
 
 __all__ = [
     "DistributedContext",
@@ -83,9 +95,11 @@ __all__ = [
     "embed_dataset_distributed",
     "gather_rows",
     "get_context",
+    "get_world_size",
     "global_batch_loss",
     "init_distributed",
     "is_distributed",
+    "scale_for_ddp",
     "shard_bounds",
     "sync_loss_parameter_grads",
     "wrap_criterion",
@@ -93,121 +107,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process stands: ``rank`` of ``world_size``, its ``local_rank`` on the node, its ``device``."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that logs, evaluates and writes checkpoints (rank 0)."""
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls, backend: str | None = None) -> DistributedContext:
-        """Read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` as set by ``torchrun`` (defaults: one process).
-
-        The device is ``cuda:LOCAL_RANK`` when CUDA is available and the backend is not gloo, otherwise CPU.
-        """
-        rank = _env_int("RANK", 0)
-        world_size = _env_int("WORLD_SIZE", 1)
-        local_rank = _env_int("LOCAL_RANK", 0)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"environment: RANK={rank} is not valid for WORLD_SIZE={world_size}")
-        use_cuda = torch.cuda.is_available() and backend != "gloo"
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def is_distributed() -> bool:
-    """Whether a process group with more than one process is active."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistributedContext:
-    """Initialise the default process group from the ``torchrun`` environment and return the context.
-
-    ``backend=None`` picks nccl when CUDA is available, gloo otherwise. With ``WORLD_SIZE`` unset or 1 nothing is
-    initialised and a single-process context is returned. Calling it again returns the current context.
-    """
-    ctx = DistributedContext.from_env(backend)
-    if ctx.world_size == 1 or dist.is_initialized():
-        return get_context() if dist.is_initialized() else ctx
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise RuntimeError(
-            f"WORLD_SIZE={ctx.world_size} but {', '.join(missing)} is not set; launch with torchrun "
-            "(which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
-        )
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if ctx.device.type == "cuda":
-        torch.cuda.set_device(ctx.device)
-    kwargs: dict[str, Any] = {}
-    if timeout_s is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, init_method="env://", rank=ctx.rank, world_size=ctx.world_size,
-                            **kwargs)
-    return ctx
-
-
-def destroy_distributed() -> None:
-    """Tear the process group down (no-op when none is active)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def get_context() -> DistributedContext:
-    """The context of the active process group (or of one process when none is active)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistributedContext()
-    backend = dist.get_backend()
-    ctx = DistributedContext.from_env(backend)
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), ctx.local_rank, ctx.device)
-
-
-def barrier(ctx: DistributedContext | None = None) -> None:
-    """Wait for every rank (no-op in one process). ``ctx`` is accepted for symmetry and not needed."""
-    if is_distributed():
-        dist.barrier()
-
-
-def broadcast_object(obj: Any, ctx: DistributedContext | None = None, src: int = 0) -> Any:
-    """Return ``obj`` of rank ``src`` on every rank (picklable objects; identity in one process)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    device = _comm_device()
-    dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
 # -- gathering --------------------------------------------------------------------------------------------------
-def _comm_device() -> torch.device:
-    """Tensors in collectives must live where the backend works: CUDA for nccl, anywhere for gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _gather_sizes(n: int, device: torch.device) -> list[int]:
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
@@ -230,7 +130,7 @@ def all_gather_rows(tensor: Tensor) -> Tensor:
     """Concatenate every rank's rows in rank order (sizes may differ); no gradient. Identity in one process."""
     if not is_distributed():
         return tensor
-    device = _comm_device()
+    device = comm_device()
     sizes = _gather_sizes(tensor.shape[0], device)
     return torch.cat(_all_gather_padded(tensor.to(device), sizes)).to(tensor.device)
 
@@ -248,7 +148,7 @@ def all_gather_embeddings(
         return embeddings, labels
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels ({labels.shape[0]}) and embeddings ({embeddings.shape[0]}) must have equal rows")
-    device = _comm_device()
+    device = comm_device()
     sizes = _gather_sizes(embeddings.shape[0], device)
     parts = [p.to(embeddings.device) for p in _all_gather_padded(embeddings.to(device), sizes)]
     parts[dist.get_rank()] = embeddings  # the one slice that stays in this rank's graph
@@ -265,8 +165,13 @@ def global_batch_loss(criterion: nn.Module, embeddings: Tensor, labels: Tensor) 
     """
     global_embeddings, global_labels = all_gather_embeddings(embeddings, labels)
     loss = criterion(global_embeddings, global_labels)
-    world_size = dist.get_world_size() if is_distributed() else 1
-    return loss * world_size, loss.detach()
+    return scale_for_ddp(loss), loss.detach()
+
+
+def scale_for_ddp(loss: Tensor) -> Tensor:
+    """``world_size · loss``, the value to backpropagate under DDP when ``loss`` is the loss of the gathered global
+    batch (module docstring); ``loss`` itself in one process."""
+    return loss * get_world_size() if is_distributed() else loss
 
 
 def wrap_model(
@@ -299,7 +204,7 @@ def wrap_criterion(criterion: nn.Module, ctx: DistributedContext | None = None) 
     """
     if not is_distributed() or hasattr(criterion, _HOOKS_ATTR):
         return criterion
-    world_size = dist.get_world_size()
+    world_size = get_world_size()
     handles = [p.register_hook(lambda g, w=world_size: g / w) for p in criterion.parameters() if p.requires_grad]
     object.__setattr__(criterion, _HOOKS_ATTR, handles)
     return criterion
@@ -321,7 +226,7 @@ def sync_loss_parameter_grads(criterion: nn.Module) -> None:
     grads = [p.grad for p in criterion.parameters() if p.grad is not None]
     if not grads:
         return
-    device = _comm_device()
+    device = comm_device()
     flat = torch.cat([g.reshape(-1).to(device, torch.float64 if g.dtype == torch.float64 else torch.float32)
                       for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -382,8 +287,6 @@ def embed_dataset_distributed(
     :func:`deepmetric.training.inference.embed_dataset` (batch_size, num_workers, ...; ``device`` defaults to
     the context's). Ranks other than ``dst`` get ``(None, None)`` (``dst=None``: everything on every rank).
     """
-    from deepmetric.training.inference import embed_dataset  # sibling module; imported lazily to stay light
-
     explicit = ctx is not None
     ctx = ctx if explicit and is_distributed() else get_context()
     if explicit or ctx.is_distributed:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from deepmetric.training.config import ConfigError
+from deepmetric.training.config import ConfigError, LoggerName
 from deepmetric.training.run_dir import JsonlLogger
 
-LOGGERS = ("tensorboard", "wandb")
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
 
 
 class MetricLogger:

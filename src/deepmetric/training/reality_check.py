@@ -24,8 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from deepmetric.data.bundle import dataset_labels
 from deepmetric.data.splits import indices_of_classes, reality_check_folds
+from deepmetric.evaluation import evaluate
 from deepmetric.training.config import ConfigError, ExperimentConfig
+from deepmetric.training.run_artifacts import read_embeddings
+from deepmetric.training.run_dir import create_run_dir
+from deepmetric.training.trainer import Trainer, TrainResult
 
 N_FOLDS = 4
 
@@ -128,11 +133,9 @@ class LabelledSubset:
         return self.dataset[int(self.indices[i])]
 
 
-def apply_fold(trainer: Any, fold_index: int, n_folds: int = N_FOLDS) -> Fold:
+def apply_fold(trainer: Trainer, fold_index: int, n_folds: int = N_FOLDS) -> Fold:
     """Restrict ``trainer``'s training data to fold ``fold_index``'s training classes and validate on its
     validation classes (with the evaluation transform); rebuilds the sampler. Returns the fold."""
-    from deepmetric.training.builders import dataset_labels
-
     data = trainer.data
     if data.validation is not None:
         raise ConfigError("apply_fold expects data.validation_fraction = 0 (the fold defines validation)")
@@ -150,11 +153,8 @@ def apply_fold(trainer: Any, fold_index: int, n_folds: int = N_FOLDS) -> Fold:
     return fold
 
 
-def run_fold(config: ExperimentConfig, fold_index: int, run_dir: str | Path, n_folds: int = N_FOLDS) -> Any:
+def run_fold(config: ExperimentConfig, fold_index: int, run_dir: str | Path, n_folds: int = N_FOLDS) -> TrainResult:
     """Train one fold into ``run_dir`` (created fresh) and return the trainer's result."""
-    from deepmetric.training.run_dir import create_run_dir
-    from deepmetric.training.trainer import Trainer
-
     create_run_dir(run_dir)
     trainer = Trainer(config, run_dir)
     apply_fold(trainer, fold_index, n_folds)
@@ -183,8 +183,6 @@ Evaluator = Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
 def default_evaluator(recall_at: Sequence[int] = (1,),
                       metrics: Sequence[str] = ("precision@1", "r_precision", "map@r")) -> Evaluator:
     def run(emb: np.ndarray, labels: np.ndarray) -> Mapping[str, float]:
-        from deepmetric.evaluation import evaluate
-
         return evaluate(emb, labels, recall_at=tuple(recall_at), metrics=tuple(metrics))
 
     return run
@@ -245,8 +243,6 @@ def run_protocol(config: ExperimentConfig, output: str | Path, seeds: Sequence[i
     Fold runs go to ``output/seed<s>/fold<k>``; ``output/reality_check.json`` holds per-seed and summary numbers.
     Query→gallery datasets are not supported (the paper's benchmarks are all self-retrieval).
     """
-    from deepmetric.training.run_artifacts import read_embeddings
-
     output = Path(output)
     evaluator = evaluator or default_evaluator(config.evaluation.recall_at)
     by_seed: dict[int, list[Path]] = {}

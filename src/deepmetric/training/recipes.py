@@ -83,8 +83,8 @@ def reported_recall_at_1(reported: dict[str, Any]) -> float | None:
 def describe(path: Path, root: Path | None = None) -> RecipeInfo:
     cfg: ExperimentConfig = load_config(path)
     extras = [f"miner:{cfg.loss.miner}"] if cfg.loss.miner else []
-    if cfg.memory.enabled:
-        extras.append("xbm")
+    if cfg.memory.name:
+        extras.append(cfg.memory.name)
     if cfg.synthesis.name:
         extras.append(cfg.synthesis.name)
     return RecipeInfo(

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from deepmetric.data.bundle import build_transform
+from deepmetric.data.image_dataset import load_rgb
+from deepmetric.data.kanji import IMAGE_SIZE
+from deepmetric.models.factory import build_model
+from deepmetric.training.checkpoint import load_checkpoint
 from deepmetric.training.config import ExperimentConfig, load_config
 
 
@@ -141,15 +147,11 @@ def load_model(config: ExperimentConfig, checkpoint: str | Path, in_channels: in
     ``in_channels`` defaults to 1 for the grey-scale KanjiGlyphs and 3 otherwise (the trainer reads it from
     the dataset's ``channels`` attribute; rebuilding the dataset just to learn it would be wasteful).
     """
-    import torch
-
-    from deepmetric.training.builders import build_model
-
     path = require_file(Path(checkpoint), "model weights")
     if in_channels is None:
         in_channels = 1 if config.data.dataset == "kanji_glyphs" else 3
     model = build_model(config.model, in_channels=in_channels)
-    state = _state_dict_from(torch.load(path, map_location=device, weights_only=True), path)
+    state = _state_dict_from(load_checkpoint(path, map_location=device), path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -197,19 +199,11 @@ def image_loader(config: ExperimentConfig) -> Any:
     size before the dataset's own evaluation transform; other datasets use the RGB image and the config's
     ``data.eval_transform`` preset, exactly as at test time.
     """
-    import torch
-
-    from deepmetric.data.image_dataset import load_rgb
-    from deepmetric.training.builders import build_transform
-
     if config.data.dataset == "kanji_glyphs":
-        from deepmetric.data import kanji
-
         transform = build_transform(config.data.eval_transform, config.model.backbone, config.data.dataset)
-        size = int(getattr(kanji, "IMAGE_SIZE", 32))
 
         def load_glyph(path: Path) -> Any:
-            img = load_rgb(path).convert("L").resize((size, size))
+            img = load_rgb(path).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE))
             tensor = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
             return transform(tensor) if transform is not None else tensor
 

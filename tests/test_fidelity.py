@@ -18,7 +18,12 @@ from deepmetric.synthesis import IAA
 from deepmetric.training.builders import build_optimizer
 from deepmetric.training.config import load_config
 from deepmetric.training.criterion import build_criterion
-from deepmetric.training.proxy_lr import PROXY_STEP_LIMIT, ProxyStepWarning, check_proxy_steps, proxy_step_ratio
+from deepmetric.training.proxy_lr import (
+    PROXY_STEP_LIMIT,
+    ProxyStepWarning,
+    check_proxy_steps,
+    proxy_step_ratio,
+)
 from deepmetric.training.recipes import configs_dir
 
 CONFIGS = configs_dir()

@@ -14,6 +14,18 @@ from pathlib import Path
 SPLITS = ("train", "val", "test", "query", "gallery")
 
 
+def add_model_and_items_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    """The model (--run, or --config with --checkpoint) and what to ``verb`` (--split or --images): shared by the
+    sub-commands that embed items with a trained model (embed, index)."""
+    src = p.add_argument_group("model (either --run or --config with --checkpoint)")
+    src.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="run directory (uses config.yaml and model.pt)")
+    src.add_argument("--config", help="experiment YAML (with --checkpoint)")
+    src.add_argument("--checkpoint", help="model weights: model.pt, best.pt or last.pt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--split", choices=SPLITS, help=f"dataset split to {verb} (train uses the eval transform)")
+    what.add_argument("--images", metavar="FOLDER", help=f"{verb} every image under FOLDER (sub-folders = classes)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "embed",
@@ -21,13 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Embed a split of the run's dataset (rebuilt from its config with the evaluation transform) "
         "or every image under a folder, and write embeddings.npy + labels.npy (+ paths.txt) to --output.",
     )
-    src = p.add_argument_group("model (either --run or --config with --checkpoint)")
-    src.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="run directory (uses config.yaml and model.pt)")
-    src.add_argument("--config", help="experiment YAML (with --checkpoint)")
-    src.add_argument("--checkpoint", help="model weights: model.pt, best.pt or last.pt")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--split", choices=SPLITS, help="dataset split to embed (train uses the eval transform)")
-    what.add_argument("--images", metavar="FOLDER", help="embed every image under FOLDER (sub-folders = classes)")
+    add_model_and_items_arguments(p, "embed")
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder to write the arrays into")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's data.eval_batch_size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")

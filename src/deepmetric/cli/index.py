@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deepmetric.cli.embed import SPLITS
+from deepmetric.cli.embed import add_model_and_items_arguments
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Embed a gallery with a trained model and write a persisted search index (exact, IVF or "
         "HNSW) that `deepmetric search --index` loads without re-embedding the gallery.",
     )
-    src = p.add_argument_group("model (either --run or --config with --checkpoint)")
-    src.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="run directory (uses config.yaml and model.pt)")
-    src.add_argument("--config", help="experiment YAML (with --checkpoint)")
-    src.add_argument("--checkpoint", help="model weights: model.pt, best.pt or last.pt")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--split", choices=SPLITS, help="dataset split to index")
-    what.add_argument("--images", metavar="FOLDER", help="index every image under FOLDER (sub-folders = classes)")
+    add_model_and_items_arguments(p, "index")
     p.add_argument("--output", required=True, metavar="INDEX_DIR", help="folder to write the index into")
     p.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact",
                    help="exact (no faiss needed) or an approximate faiss index (default exact)")

@@ -17,7 +17,7 @@ import pickle
 import random
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,21 @@ def _named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tens
             yield from _named_tensors(value, f"{prefix}[{i}]")
 
 
+def first_non_finite_named(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` holding a NaN or ±inf, else None; one device
+    synchronisation in the common (all finite) case."""
+    tensors = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return None
+    flags = torch.stack([torch.isfinite(t).all().to(tensors[0][1].device) for _, t in tensors])
+    if bool(flags.all()):
+        return None
+    return tensors[int(torch.nonzero(~flags)[0])][0]
+
+
 def first_non_finite(obj: Any) -> str | None:
     """The name (dotted path) of the first floating-point tensor in ``obj`` holding a NaN or ±inf, else None."""
-    for name, tensor in _named_tensors(obj):
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    return first_non_finite_named(_named_tensors(obj))
 
 
 def _write_bytes_atomic(data: bytes, path: Path) -> None:

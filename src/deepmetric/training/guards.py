@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepmetric.training.checkpoint import load_checkpoint
+from deepmetric.training.checkpoint import first_non_finite_named, load_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,13 +43,7 @@ def _named_float_tensors(modules: dict[str, nn.Module], grads: bool) -> Iterable
 def first_non_finite_tensor(modules: dict[str, nn.Module], grads: bool = False) -> str | None:
     """The name of the first parameter or floating buffer (or gradient, ``grads=True``) of ``modules`` holding a
     NaN or ±inf, else None. ``modules`` maps a prefix ("model", "criterion") to a module."""
-    tensors = list(_named_float_tensors(modules, grads))
-    if not tensors:
-        return None
-    flags = torch.stack([torch.isfinite(t).all() for _, t in tensors])
-    if bool(flags.all()):  # the single synchronisation of the common case
-        return None
-    return tensors[int(torch.nonzero(~flags)[0])][0]
+    return first_non_finite_named(_named_float_tensors(modules, grads))
 
 
 def embedding_spread(embeddings: torch.Tensor) -> float:

@@ -5,20 +5,23 @@ Data: synthetic, shaped like the real test sets.
   random unit class centres c and σ tuned so the metrics are far from 0 and 1.
 * In-Shop-shaped: 14,218 queries × 12,612 gallery items, 3,985 classes, every class in both sets.
 
-Methods (each run in a fresh subprocess; peak memory = ru_maxrss after the runs − ru_maxrss after loading the data):
+Methods (b and c each in a fresh subprocess; peak memory = ru_maxrss after the first run − ru_maxrss after loading
+the data):
   (a) gemm        blocked S = Q_b·Gᵀ with evaluate's default block size and padded gallery layout, nothing else
-                  (the compute bound)
+                  (the compute bound), timed in the same process as (b), alternating with it run by run
   (b) deepmetric  evaluate(recall@{1,10,100,1000} (In-Shop: 1,10,20,30,40,50), r_precision, map@r)
   (c) pml+faiss   AccuracyCalculator(k="max_bin_count", precision_at_1 / r_precision / MAP@R) + Recall@K from a
                   faiss IndexFlatIP kNN with k = max K (+1 for the own row, removed by index)
-  (d) profile     (optional, --profile) one evaluate under torch.profiler: self CPU time of the top operators,
-                  to see where the non-GEMM time goes on a given host
+  (d) profile     (optional, --profile) one evaluate with per-phase timers — the block top-k (knn.stable_topk)
+                  and the rank counting (knn.count_ranked_before), summed over the worker threads (CPU seconds) —
+                  next to the same-process GEMM, plus at one thread the self CPU time of the top torch operators
 Every method runs at each thread count of --threads (default 1 and 2) in the same invocation, so b/a compares
-deepmetric with the bare GEMM at the same thread count and under the same machine load.
+deepmetric with the bare GEMM at the same thread count, in the same process and under the same machine load.
 Reported: median wall time, b/a (target ≤ 1.15), b/c (target ≤ 0.5), peak memory beyond the embeddings
 (target ≤ 1.5 GB), and the host (CPU model, AVX-512 or not, BLAS, load average before and after).
 
-Usage: python benchmarks/evaluation.py [--small] [--repeats N] [--pml-repeats N] [--threads 1 2] [--profile]
+Usage: python benchmarks/evaluation.py [--small | --scale S] [--repeats N] [--pml-repeats N] [--threads 1 2]
+       [--profile]
 """
 
 from __future__ import annotations
@@ -137,13 +140,46 @@ def _run_pml(q, ql, g, gl, recall_at):
 
 
 def _run_profile(q, ql, g, gl, recall_at):
+    import threading
+
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from deepmetric.evaluation import retrieval
+
+    phases: dict[str, float] = {"topk": 0.0, "count": 0.0}
+    lock = threading.Lock()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    phases[name] += time.perf_counter() - t0
+        return wrapper
+
+    originals = retrieval.stable_topk, retrieval.count_ranked_before
+    retrieval.stable_topk, retrieval.count_ranked_before = timed("topk", originals[0]), timed("count", originals[1])
+    try:
+        t0 = time.perf_counter()
+        _run_gemm(q, ql, g, gl, recall_at)
+        gemm = time.perf_counter() - t0
+        t0 = time.perf_counter()
         _run_deepmetric(q, ql, g, gl, recall_at)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return {f"self_cpu_share:{e.key}": e.self_cpu_time_total / total for e in events[:12]}
+        total = time.perf_counter() - t0
+    finally:
+        retrieval.stable_topk, retrieval.count_ranked_before = originals
+    out = {"phase_s:gemm_same_process": gemm, "phase_s:evaluate": total, "phase_cpu_s:topk": phases["topk"],
+           "phase_cpu_s:count": phases["count"]}
+    if torch.get_num_threads() == 1:  # the profiler sees only the calling thread's operators
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _run_deepmetric(q, ql, g, gl, recall_at)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        share = sum(e.self_cpu_time_total for e in events) or 1
+        out.update({f"self_cpu_share:{e.key}": e.self_cpu_time_total / share for e in events[:12]})
+    return out
 
 
 WORKERS = {"gemm": _run_gemm, "deepmetric": _run_deepmetric, "pml+faiss": _run_pml, "profile": _run_profile}
@@ -166,13 +202,18 @@ def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: 
     if threads:
         torch.set_num_threads(threads)
     baseline = _maxrss_mb()
-    times, result = [], {}
+    times, gemm_times, result, peak = [], [], {}, None
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = WORKERS[method](q, ql, g, gl, recall_at)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times, "peak_extra_mb": _maxrss_mb() - baseline, "baseline_mb": baseline,
-                      "metrics": result}))
+        peak = _maxrss_mb() - baseline if peak is None else peak  # before any same-process GEMM run
+        if method == "deepmetric":
+            t0 = time.perf_counter()
+            _run_gemm(q, ql, g, gl, recall_at)
+            gemm_times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times, "gemm_times_same_process": gemm_times, "peak_extra_mb": peak,
+                      "baseline_mb": baseline, "metrics": result}))
 
 
 def run_method(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> dict:
@@ -185,6 +226,8 @@ def run_method(method: str, data: str, repeats: int, recall_at: list[int], threa
         raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["median_s"] = statistics.median(res["times"])
+    if res.get("gemm_times_same_process"):
+        res["gemm_median_s"] = statistics.median(res["gemm_times_same_process"])
     return res
 
 
@@ -199,12 +242,15 @@ def bench_case(
         emb_mb = sum(a.nbytes for k, a in arrays.items() if k in ("q", "g")) / 2**20
         for t in threads:
             runs = {}
-            plan = [("gemm", repeats), ("deepmetric", repeats), ("pml+faiss", pml_repeats)]
+            plan = [("deepmetric", repeats), ("pml+faiss", pml_repeats)]
             if profile:
                 plan.append(("profile", 1))
             for method, reps in plan:
                 print(f"[{name}, {t} thread(s)] {method} × {reps} ...", file=sys.stderr, flush=True)
                 runs[method] = run_method(method, data, reps, recall_at, t)
+            dm = runs["deepmetric"]
+            runs["gemm"] = {"times": dm["gemm_times_same_process"], "median_s": dm["gemm_median_s"],
+                            "peak_extra_mb": float("nan"), "metrics": {}, "note": "same process as deepmetric"}
             a, b, c = (runs[m]["median_s"] for m in ("gemm", "deepmetric", "pml+faiss"))
             per_threads[str(t)] = {
                 "runs": runs, "ratio_b_over_a": b / a, "ratio_b_over_c": b / c,
@@ -234,8 +280,14 @@ def print_table(case: dict) -> None:
         print(f"{t:>7} b/a = {entry['ratio_b_over_a']:.3f} (target ≤ 1.15)   b/c = {entry['ratio_b_over_c']:.3f} "
               "(target ≤ 0.5)")
         if "profile" in entry["runs"]:
-            top = sorted(entry["runs"]["profile"]["metrics"].items(), key=lambda kv: -kv[1])[:6]
-            print(f"{t:>7} profile: " + ", ".join(f"{k.split(':', 1)[1]} {100 * v:.1f}%" for k, v in top))
+            prof = entry["runs"]["profile"]["metrics"]
+            gemm, total = prof["phase_s:gemm_same_process"], prof["phase_s:evaluate"]
+            print(f"{t:>7} phases: gemm {gemm:.2f} s, evaluate {total:.2f} s (non-GEMM {total - gemm:.2f} s); "
+                  f"CPU s over workers: top-k {prof['phase_cpu_s:topk']:.2f}, rank counting "
+                  f"{prof['phase_cpu_s:count']:.2f}")
+            top = sorted(((k, v) for k, v in prof.items() if k.startswith("self_cpu_share:")), key=lambda kv: -kv[1])
+            if top:
+                print(f"{t:>7} operators: " + ", ".join(f"{k.split(':', 1)[1]} {100 * v:.1f}%" for k, v in top[:6]))
 
 
 def host_info() -> dict:
@@ -262,7 +314,8 @@ def host_info() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="6,000-item SOP-shaped case, runs in < 1 minute")
+    p.add_argument("--small", action="store_true", help="6,000-item SOP-shaped case (= --scale 10), < 1 minute")
+    p.add_argument("--scale", type=int, default=None, help="divide every size by this factor (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="runs of gemm and deepmetric (default 3, --small 2)")
     p.add_argument("--pml-repeats", type=int, default=None, help="runs of PML + faiss (default 1)")
     p.add_argument("--sigma", type=float, default=0.1, help="per-dimension noise scale of the synthetic data")
@@ -279,7 +332,7 @@ def main() -> None:
         return
     repeats = args.repeats or (2 if args.small else 3)
     pml_repeats = args.pml_repeats or 1
-    scale = 10 if args.small else 1
+    scale = args.scale or (10 if args.small else 1)
     load_before = os.getloadavg()
     x, y = make_sop(60502 // scale, 11316 // scale, 512, args.sigma)
     cases = [bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads,
@@ -291,6 +344,7 @@ def main() -> None:
     report = {
         "benchmark": "evaluation",
         "small": args.small,
+        "scale": scale,
         "sigma": args.sigma,
         "threads": args.threads,
         "load_average_before": load_before,
@@ -300,7 +354,9 @@ def main() -> None:
     }
     for case in cases:
         print_table(case)
-    out = Path(args.output) if args.output else RESULTS / ("evaluation_small.json" if args.small else "evaluation.json")
+    default_name = "evaluation.json" if scale == 1 else ("evaluation_small.json" if scale == 10 else
+                                                          f"evaluation_scale{scale}.json")
+    out = Path(args.output) if args.output else RESULTS / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {out}")

@@ -59,7 +59,7 @@ def test_literal_fields_name_the_field_the_value_and_the_allowed_values():
         "data.sampler=balanced": ("data.sampler", "'balanced'", "'m_per_class', 'random'"),
         "scheduler.unit=steps": ("scheduler.unit", "'steps'", "'iterations', 'epochs'"),
         "optimizer.name=lamb": ("optimizer.name", "'lamb'", "'adam', 'adamw', 'sgd', 'rmsprop'"),
-        "model.pooling=gem": ("model.pooling", "'gem'", "'avg', 'max', 'avg+max'"),
+        "model.pooling=token": ("model.pooling", "'token'", "'avg', 'max', 'avg+max', 'gem', 'cls'"),
         "train.loggers=[mlflow]": ("train.loggers", "'mlflow'", "'tensorboard', 'wandb'"),
     }
     for override, pieces in cases.items():
@@ -75,6 +75,8 @@ def test_bounds_and_rules_between_fields_are_checked_on_load(tmp_path):
         "data.validation_fraction=1.0": "'data.validation_fraction' must be < 1.0",
         "data.batch_size=30": "data.batch_size (30) must be a multiple of data.m_per_class (4)",
         "scheduler.name=step": "scheduler.step_size must be > 0",
+        "optimizer.layer_decay=0": "'optimizer.layer_decay' must be > 0.0, got 0",
+        "optimizer.layer_decay=1.5": "'optimizer.layer_decay' must be <= 1.0, got 1.5",
     }
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -89,6 +89,7 @@ def test_per_query_values_group_breakdown_subset_and_truncation():
         for key in ("recall@1", "recall@5", "precision@1", "r_precision", "map@r"):
             assert by[g][key] == pytest.approx(sub[key], abs=1e-12), (g, key)
         assert by[g]["n_queries"] == sub["n_queries"]
+        assert by[g]["n_queries_without_relevant"] == sub["n_queries_without_relevant"]
     part = res.subset([4, 2])
     assert part.query_ids.tolist() == [4, 2] and torch.equal(part.neighbour_index, res.neighbour_index[[4, 2]])
     short = res.truncated(2)

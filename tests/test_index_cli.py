@@ -34,7 +34,9 @@ def test_exact_index_round_trip_and_match_threshold(folder_run, tmp_path, capsys
     assert main(["index", "--run", str(run), "--images", str(images), "--output", str(index)]) == 0
     meta = json.loads((index / "meta.json").read_text())
     assert meta["kind"] == "exact" and meta["n_items"] == 6 and meta["dim"] == 8
-    assert set(meta["files"]) == {"embeddings.npy", "labels.npy", "paths.txt"}
+    assert set(meta["files"]) == {"embeddings.npy", "labels.npy", "paths.txt", "neighbours_index.npy",
+                                  "neighbours_score.npy"}
+    assert meta["neighbours"]["k"] == 5  # --neighbour-k 32 capped at the 5 other items
     query = images / "class2" / "1.png"
     rc, out = _search(["--index", str(index), "--query", str(query), "--top-k", "3"], capsys)
     assert rc == 0

@@ -26,6 +26,7 @@ def test_registry_names() -> None:
     assert set(LOSSES) == {
         "multi_similarity", "contrastive", "triplet_margin", "lifted_structure", "binomial_deviance", "margin",
         "nca", "weight", "proxy_nca", "proxy_anchor", "npair", "normalized_softmax", "arcface", "soft_triple",
+        "smooth_ap", "recall_surrogate",
     }
 
 

@@ -290,6 +290,10 @@ def _config(**kw):
         "normalize": True,
         "last_stride_one": False,
         "width": 4,
+        "projection": True,
+        "gem_p": 3.0,
+        "image_size": None,
+        "freeze_blocks": 0,
     }
     base.update(kw)
     return SimpleNamespace(**base)

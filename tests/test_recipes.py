@@ -51,7 +51,7 @@ def test_recipe_is_valid_and_uses_registered_components(path: Path):
         assert cfg.loss.miner in MINERS, f"{path}: miner {cfg.loss.miner!r} not in MINERS"
     if cfg.synthesis.name is not None:
         assert cfg.synthesis.name in SYNTHESIS, f"{path}: synthesis {cfg.synthesis.name!r} not in SYNTHESIS"
-    assert cfg.model.backbone in BACKBONES, f"{path}: backbone {cfg.model.backbone!r} unknown"
+    assert cfg.model.backbone in BACKBONES or cfg.model.backbone.startswith("timm:"), f"{path}: backbone unknown"
     if cfg.data.dataset != "kanji_glyphs":  # the kanji transforms register themselves from data/kanji.py
         for tf in (cfg.data.train_transform, cfg.data.eval_transform):
             assert tf in TRANSFORMS, f"{path}: transform preset {tf!r} not in TRANSFORMS"

@@ -169,7 +169,7 @@ def test_neighbor_correction_matches_bruteforce_oracle():
 def test_neighbor_correction_flag_controls_what_synthesis_uses():
     torch.manual_seed(2)
     z, y = torch.randn(12, 3, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
-    on = ClassGaussianEstimator(3, 3, num_neighbors=2).double()
+    on = ClassGaussianEstimator(3, 3, num_neighbors=2, apply_neighbor_correction=True).double()
     off = ClassGaussianEstimator(3, 3, num_neighbors=2, apply_neighbor_correction=False).double()
     on.update(z, y)
     off.update(z, y)

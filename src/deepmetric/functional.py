@@ -43,15 +43,29 @@ def cosine_similarity_matrix(x: Tensor, y: Tensor) -> Tensor:
     return gram_matrix(xn, xn if y is x else l2_normalize(as_float(y)))
 
 
+def sqrt_zero_safe(sq: Tensor, eps: float = 1e-12) -> Tensor:
+    """√(sq + eps) where sq > 0, and exactly 0 with a zero gradient where sq = 0 (an exact duplicate).
+
+    eps bounds the sqrt's derivative for near-duplicates; an exact duplicate is at distance 0, as in PML
+    (``torch.cdist``), so a hinge at margin 0 gives exactly 0 there and ``avg_nonzero`` does not count it.
+    """
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).add(eps).sqrt(), torch.zeros_like(sq))
+
+
 def euclidean_distance_matrix(x: Tensor, y: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
-    """D_ij = ‖x_i − y_j‖₂ via the GEMM expansion, clamped at 0; the sqrt is made differentiable at 0 by eps."""
+    """D_ij = ‖x_i − y_j‖₂ via the GEMM expansion, clamped at 0; the sqrt as in :func:`sqrt_zero_safe`.
+
+    The expansion rounds: in float32 an exact duplicate of unit rows can come out at D ≈ 3e-4 instead of 0
+    (float64 and small float32 inputs give 0 exactly).
+    """
     same = y is x
     x = as_float(x)
     y = x if same else as_float(y)
     x_sq = (x * x).sum(1, keepdim=True)
     y_sq = x_sq.t() if same else (y * y).sum(1).unsqueeze(0)
     sq = torch.add(x_sq, gram_matrix(x, y), alpha=-2.0).add_(y_sq).clamp_min_(0.0)
-    return sq if squared else sq.add_(eps).sqrt_()
+    return sq if squared else sqrt_zero_safe(sq, eps)
 
 
 def pairwise_distance(x: Tensor, y: Tensor, *, normalize: bool = True, squared: bool = False) -> Tensor:
@@ -63,9 +77,9 @@ def pairwise_distance(x: Tensor, y: Tensor, *, normalize: bool = True, squared: 
 
 
 def row_distance(x: Tensor, y: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
-    """‖x_i − y_i‖₂ of matched rows (or its square); eps as in :func:`euclidean_distance_matrix`."""
+    """‖x_i − y_i‖₂ of matched rows (or its square); the sqrt as in :func:`sqrt_zero_safe`."""
     sq = (x - y).square().sum(1)
-    return sq if squared else torch.sqrt(sq + eps)
+    return sq if squared else sqrt_zero_safe(sq, eps)
 
 
 def distance_from_cosine(sim: Tensor, eps: float = 1e-12) -> Tensor:

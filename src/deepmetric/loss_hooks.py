@@ -38,6 +38,8 @@ class TrainingHooks:
 
     #: whether :attr:`StepContext.features` must be filled (costs the trainer one extra output of the model)
     needs_features: bool = False
+    #: which transform the epoch-start loader over the training set applies: ``"eval"`` or ``"train"``
+    estimation_transform: str = "eval"
 
     def on_step_start(self, context: StepContext) -> None:
         """Called before every training forward with what the step knows besides the embeddings."""

@@ -57,6 +57,12 @@ Choices and how they compare with the two reference implementations:
 * **Ring buffer.** A true modular ring (PML-style): rows go to slots ``ptr, ptr+1, … (mod memory_size)``. The XBM
   code instead writes an overflowing batch into the *last* B slots and resets the pointer, and decides "full" by
   testing whether the last stored label is non-zero (wrong for class 0); here the fill count is a buffer.
+  ``legacy_xbm=True`` reproduces both quirks of ``research-xbm``'s ``modeling/xbm.py`` for reproducing its
+  numbers: a batch that does not fit behind the pointer (``ptr + B > M``, also when the queue is exactly full)
+  overwrites the last B slots — the newest rows when M is a multiple of B — and the pointer restarts at 0; the
+  valid rows are all M when the label in the last slot is non-zero and the first ``ptr`` rows otherwise (so after
+  a wrap whose last row has label 0 the memory shrinks to the rows written since). The valid count is still kept
+  in the ``num_filled`` buffer, so ``state_dict()`` resumes the legacy queue exactly too.
 * **Complete state.** Memory rows, labels, slot ids, write pointer, fill count, the next id and the iteration
   counter are registered buffers, so ``state_dict()`` resumes a run exactly, also in the middle of a wrap
   (PML keeps its pointer and "filled" flag as plain attributes).
@@ -101,6 +107,8 @@ class CrossBatchMemory(LossWrapper):
         fill_during_warmup: also enqueue during the first T₀ steps (default False, the authors' code).
         include_batch_loss: add L_batch (authors' code, default); False gives PML's memory-only loss.
         dtype: storage dtype of the memory rows.
+        legacy_xbm: reproduce the research-xbm queue (overflow into the last B slots, "full" ⇔ last label ≠ 0)
+            instead of the true ring (default False; see the module docstring).
     """
 
     build_arguments: ClassVar[tuple[str, ...]] = ("embedding_size",)
@@ -119,6 +127,7 @@ class CrossBatchMemory(LossWrapper):
         fill_during_warmup: bool = False,
         include_batch_loss: bool = True,
         dtype: torch.dtype = torch.float32,
+        legacy_xbm: bool = False,
     ) -> None:
         super().__init__(loss, miner)
         if embedding_size < 1 or memory_size < 1:
@@ -142,6 +151,7 @@ class CrossBatchMemory(LossWrapper):
         self.enqueue_count = enqueue_count
         self.fill_during_warmup = fill_during_warmup
         self.include_batch_loss = include_batch_loss
+        self.legacy_xbm = bool(legacy_xbm)
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size, dtype=dtype))
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))
         # −1 marks an empty slot; real ids start at 0 and only grow, so an id is never reused.
@@ -209,12 +219,24 @@ class CrossBatchMemory(LossWrapper):
         if keep == 0:
             return ids
         emb, lab, kept_ids = embeddings[n - keep:], labels[n - keep:], ids[n - keep:]
-        slots = (self.write_ptr + torch.arange(keep, device=self.slot_ids.device)) % self.memory_size
+        offsets = torch.arange(keep, device=self.slot_ids.device)
+        overflow = self.legacy_xbm and int(self.write_ptr) + keep > self.memory_size
+        if overflow:
+            slots = self.memory_size - keep + offsets
+        else:
+            slots = (self.write_ptr + offsets) % self.memory_size
         self.embedding_memory.index_copy_(0, slots, emb.detach().to(self.embedding_memory.dtype))
         self.label_memory.index_copy_(0, slots, lab.to(self.label_memory.dtype))
         self.slot_ids.index_copy_(0, slots, kept_ids)
-        self.write_ptr.copy_((self.write_ptr + keep) % self.memory_size)
-        self.num_filled.clamp_(max=self.memory_size - keep).add_(keep)
+        if not self.legacy_xbm:
+            self.write_ptr.copy_((self.write_ptr + keep) % self.memory_size)
+            self.num_filled.clamp_(max=self.memory_size - keep).add_(keep)
+            return ids
+        # research-xbm: the pointer may equal M (exactly full) and only resets on overflow; the valid view is
+        # decided afresh from the label in the last slot at every read, which only an enqueue can change.
+        self.write_ptr.copy_(torch.zeros_like(self.write_ptr) if overflow else self.write_ptr + keep)
+        last_label_set = bool(self.label_memory[-1] != 0)
+        self.num_filled.copy_(torch.full_like(self.num_filled, self.memory_size) if last_label_set else self.write_ptr)
         return ids
 
     # -- loss -----------------------------------------------------------------------------------------------
@@ -308,7 +330,8 @@ class CrossBatchMemory(LossWrapper):
             f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, "
             f"start_iteration={self.start_iteration}, weight={self.weight}, "
             f"enqueue={'count=' + str(self.enqueue_count) if self.enqueue_count is not None else self.enqueue_fraction}, "
-            f"fill_during_warmup={self.fill_during_warmup}, include_batch_loss={self.include_batch_loss}"
+            f"fill_during_warmup={self.fill_during_warmup}, include_batch_loss={self.include_batch_loss}, "
+            f"legacy_xbm={self.legacy_xbm}"
         )
 
 

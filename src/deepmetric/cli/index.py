@@ -1,9 +1,11 @@
 """``deepmetric index``: embed a gallery once and persist it as a search index for ``deepmetric search --index``.
 
-Writes embeddings, labels, paths (image folders) and, for ``--kind ivf|hnsw``, a faiss index with its measured
-recall against exact search (see :mod:`deepmetric.evaluation.index`). With ``--target-fmr`` the run's validation
+Writes embeddings, labels, paths (image folders), every item's exact top-k gallery neighbours (``--neighbour-k``,
+for re-ranking at search time) and, for ``--kind ivf|hnsw``, a faiss index with its measured recall against exact
+search (see :mod:`deepmetric.evaluation.index`). With ``--target-fmr`` the run's validation
 split is embedded too and a "same item" similarity threshold is calibrated on it for that false-match rate
-(:mod:`deepmetric.evaluation.verification`); ``search`` then answers match / no match.
+(:mod:`deepmetric.evaluation.verification`); without it the threshold the training run saved
+(``verification.json`` in the run directory) is copied. ``search`` then answers match / no match.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, help="IVF: lists visited per query")
     p.add_argument("--hnsw-m", type=int, help="HNSW: links per node (default 32)")
     p.add_argument("--ef-search", type=int, help="HNSW: search breadth (default 128)")
+    p.add_argument("--neighbour-k", type=int, default=32, metavar="K",
+                   help="store every gallery item's exact top-K gallery neighbours, so that `search --rerank dba|"
+                   "kreciprocal` needs no gallery-against-gallery search (default 32, ≥ k-reciprocal's k1 = 20; "
+                   "0 = none)")
     p.add_argument("--target-fmr", type=float, metavar="FMR",
-                   help="calibrate a match threshold on the validation split for this false-match rate")
+                   help="calibrate a match threshold on the validation split for this false-match rate (default: "
+                   "copy the run's verification.json, written at the end of training, when there is one)")
     p.add_argument("--negatives", type=int, default=64, help="sampled impostors per query for the calibration")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's data.eval_batch_size")
     p.add_argument("--device", default="cpu")
@@ -51,19 +58,19 @@ def calibrate(config: Any, weights: Path, target_fmr: float, negatives: int, bat
               device: str) -> dict[str, Any]:
     """Threshold for ``target_fmr`` on the validation split, with what it measured there."""
     from deepmetric.cli.embed import embed_items
-    from deepmetric.evaluation import retrieve
-    from deepmetric.evaluation.verification import calibrate_threshold, pair_scores, threshold_report
+    from deepmetric.evaluation.verification import calibrate_on_split
 
     emb, labels, _ = embed_items(config, weights, split="val", batch_size=batch_size, device=device)
-    if len(set(labels.tolist())) < 2:  # type: ignore[attr-defined]
-        raise ValueError("the validation split needs at least two classes to calibrate a threshold")
-    results = retrieve(emb, labels, k=min(100, len(emb) - 1), list_metrics=())  # type: ignore[arg-type]
-    pairs = pair_scores(results, emb, negatives_per_query=negatives)
-    threshold = calibrate_threshold(pairs, target_fmr)
-    measured = threshold_report(pairs, threshold)
-    return {"threshold": threshold, "target_fmr": target_fmr, "calibrated_on": "val",
-            "val_fmr": measured["fmr"], "val_fmr_standard_error": measured["fmr_standard_error"],
-            "val_fnmr": measured["fnmr"], "rule": "match iff cosine similarity ≥ threshold"}
+    return calibrate_on_split(emb, labels, target_fmr, split="val", negatives_per_query=negatives)
+
+
+def run_threshold(run_dir: str | None) -> dict[str, Any] | None:
+    """The match threshold a training run saved beside its results (``verification.json``), if any."""
+    from deepmetric.evaluation.verification import THRESHOLD_FILE, read_threshold
+
+    if not run_dir or not (Path(run_dir) / THRESHOLD_FILE).is_file():
+        return None
+    return {**read_threshold(Path(run_dir) / THRESHOLD_FILE), "source": str(Path(run_dir) / THRESHOLD_FILE)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         if args.target_fmr is not None:
             info["threshold"] = calibrate(config, weights, args.target_fmr, args.negatives, args.batch_size,
                                           args.device)
+        elif (saved := run_threshold(args.run_dir)) is not None:
+            info["threshold"] = saved  # the one the training run calibrated for this model
+        if args.neighbour_k < 0:
+            raise ValueError(f"--neighbour-k must be ≥ 0, got {args.neighbour_k}")
         index = SearchIndex.build(emb, labels, paths, kind=args.kind, params=params,
-                                  model=model_fingerprint(config, weights), info=info)
+                                  model=model_fingerprint(config, weights), info=info, neighbour_k=args.neighbour_k)
         out = index.save(args.output)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

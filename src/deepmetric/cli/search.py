@@ -4,8 +4,9 @@ The gallery is either a persisted index written by ``deepmetric index`` (``--ind
 re-embedded; refused when it was built by another model) or a matrix written by ``deepmetric embed``
 (``--gallery-embeddings``; ``paths.txt`` and ``labels.npy`` beside it are picked up automatically unless given
 explicitly). Query images are embedded with the run's model and evaluation transform, searched with the
-library's exact search (or the index's faiss index) and optionally re-ranked. With a match threshold (stored in
-the index by ``deepmetric index --target-fmr``, or ``--threshold``) every neighbour says match / no match.
+library's exact search (or the index's faiss index) and optionally re-ranked. With a match threshold
+(``--threshold``, else the index's, else the run's ``verification.json`` written at the end of training) every
+neighbour says match / no match.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="re-rank the top candidates: α-query expansion, database augmentation or k-reciprocal "
                    "(the order follows the re-ranker; scores and match decisions stay cosine similarities)")
     p.add_argument("--rerank-candidates", type=int, default=50, help="candidates re-ranked per query (default 50)")
-    p.add_argument("--threshold", type=float, help="match threshold on the cosine similarity (overrides the index's)")
+    p.add_argument("--threshold", type=float,
+                   help="match threshold on the cosine similarity (overrides the index's and the run's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run)
@@ -84,7 +86,12 @@ def _search(args: argparse.Namespace, emb: Any, gallery: Any, index: Any | None)
         return results, results.neighbour_score.numpy()
     if bool((results.neighbour_index < 0).any()):
         raise ValueError("the approximate index returned short lists; re-ranking needs full candidate lists")
-    results = rerank(results, args.rerank, emb, gallery).truncated(min(args.top_k, results.k))
+    stored = index.gallery_neighbours if index is not None else None
+    if index is not None and stored is None and args.rerank != "aqe":
+        print(f"note: {args.index} stores no gallery neighbour lists, so the gallery is searched against itself "
+              "for this re-ranking; `deepmetric index --neighbour-k 32` stores them", file=sys.stderr)
+    results = rerank(results, args.rerank, emb, gallery, gallery_neighbours=stored).truncated(
+        min(args.top_k, results.k))
     idx = results.neighbour_index.numpy()
 
     def unit(x: Any) -> Any:
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from deepmetric.cli.embed import resolve_model_source
-    from deepmetric.cli.index import model_fingerprint
+    from deepmetric.cli.index import model_fingerprint, run_threshold
     from deepmetric.evaluation.index import SearchIndex
     from deepmetric.training.config import ConfigError
     from deepmetric.training.run_artifacts import image_loader, load_model, require_file
@@ -120,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             threshold = index.threshold if threshold is None else threshold
         else:
             gallery, paths, labels = _load_gallery(args)
+        if threshold is None and (saved := run_threshold(args.run_dir)) is not None:
+            threshold = float(saved["threshold"])  # calibrated on the validation split at the end of training
         model = load_model(config, weights, device=args.device)  # type: ignore[arg-type]
         load = image_loader(config)  # type: ignore[arg-type]
         queries = [require_file(Path(q), "query image") for q in args.query]

@@ -7,7 +7,13 @@ interpolation); the colour convention follows the backbone:
   (:class:`BNInceptionPreprocess`). The ``das`` preset reproduces DAS's slightly different normalisation
   (std 0.0039 ≠ 1/255) with :class:`DASBNInceptionNormalize`.
 * ``imagenet`` (torchvision / timm weights): RGB in [0, 1], ImageNet mean/std.
+* ``clip`` (CLIP image towers) and ``imagenet_inception`` (timm's AugReg ViTs: mean = std = 0.5): their mean/std.
+  A ``timm:<model>`` backbone takes the convention its weights were trained with, read from timm's pretrained
+  config (DINO and DINOv2 weights: ImageNet; ``vit_*_224`` AugReg: 0.5; ``*_clip_*``: CLIP).
 * ``none``: tensor in [0, 1], nothing else.
+
+Every convention except ``none`` converts its input to 3 channels, so a grey-scale image (KanjiGlyphs) feeds an
+ImageNet or ViT encoder unchanged in content (zero-shot baselines).
 
 =============  ======================  ======================================  ====================  =========
 preset         train pre-resize        RandomResizedCrop (size, scale, ratio)  eval                  interp.
@@ -20,13 +26,25 @@ mdr            256×256                 224, (0.16, 1), (0.75, 1.33)            
 iaa            as mdr; CUB: none       224, (0.16, 1), (0.75, 1.33)            mdr; CUB: 256 → 224   lanczos
 das            none (raw image)        224 (227 for googlenet), (0.08, 1)      256 → crop 224 (227)  bilinear
 reality_check  shorter side 256        227, (0.16, 1), (0.75, 1.33)            256 → crop 227        bilinear
+vit            none (raw image)        224, (0.08, 1), (3/4, 4/3)              248 → crop 224        bicubic
+dino           none (raw image)        224, (0.2, 1), (3/4, 4/3)               224 → crop 224        bicubic
+dinov2         none (raw image)        224, (0.2, 1), (3/4, 4/3)               224 → crop 224        bicubic
+clip           none (raw image)        224, (0.2, 1), (3/4, 4/3)               224 → crop 224        bicubic
 =============  ======================  ======================================  ====================  =========
+
+The encoder-family presets: ``vit`` is timm's ViT evaluation (crop_pct 0.9, bicubic); ``dino`` / ``dinov2`` are
+the fine-tuning transforms OML and Hyp-ViT use on DINO ViTs (RandomResizedCrop scale 0.2–1, eval shorter side
+224 → centre crop 224); ``clip`` is CLIP's own evaluation geometry. 224 is a whole number of patches for both
+patch 16 (14×14) and patch 14 (16×16); any preset used with a ``patch<N>`` backbone must crop a multiple of N
+(:func:`preset_geometry` refuses others). Without a backbone the family presets normalise with their family's
+weights (``vit``: 0.5, ``dino`` / ``dinov2``: ImageNet, ``clip``: CLIP).
 
 All presets flip horizontally with p = 0.5 after the crop. Transforms take a PIL image (LANCZOS needs PIL).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +54,21 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from deepmetric.config_errors import ConfigError
 from deepmetric.data.kanji import kanji_eval_transform, kanji_train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BNINCEPTION_BGR_MEAN = (104.0, 117.0, 128.0)
-CONVENTIONS = ("bninception", "imagenet", "none")
+# RGB conventions that are a per-channel (mean, std) normalisation of [0, 1] input
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "imagenet_inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+CONVENTIONS = ("bninception", *MEAN_STD, "none")
 
 # Backbones whose published weights expect the Caffe BGR/0–255 input; everything else is ImageNet RGB.
 _BGR_BACKBONES = {"bninception", "bn_inception"}
@@ -85,7 +112,7 @@ class DASBNInceptionNormalize(nn.Module):
 
 
 def input_convention(backbone: str | None) -> str:
-    """The colour convention (``bninception``/``imagenet``/``none``) for a backbone or convention name."""
+    """The colour convention (one of ``CONVENTIONS``) for a backbone or convention name."""
     if backbone is None:
         return "imagenet"
     if backbone in CONVENTIONS:
@@ -94,15 +121,43 @@ def input_convention(backbone: str | None) -> str:
         return "bninception"
     if backbone in _NO_NORMALIZATION:
         return "none"
+    if backbone.startswith("timm:"):
+        return timm_convention(backbone[len("timm:"):])
     return "imagenet"
+
+
+def timm_convention(name: str) -> str:
+    """The convention of a timm model's pretrained weights, from its pretrained config's mean/std (no download).
+
+    ImageNet when timm is not installed, the model is unknown to it, or its mean/std is none of ``MEAN_STD``.
+    """
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return "imagenet"
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return "imagenet"
+    for convention, (mean, std) in MEAN_STD.items():
+        if all(abs(a - b) < 1e-3 for a, b in zip((*cfg.mean, *cfg.std), (*mean, *std), strict=True)):
+            return convention
+    return "imagenet"
+
+
+def patch_size(backbone: str | None) -> int | None:
+    """The patch size a ``timm:`` token backbone tiles its input with (``patch16`` in the name), else None."""
+    if backbone is None or not backbone.startswith("timm:"):
+        return None
+    match = re.search(r"patch(\d+)", backbone)
+    return int(match.group(1)) if match else None
 
 
 def normalization(convention: str, preset: str | None = None) -> nn.Module:
     """Tensor-to-network-input step for a colour convention (the ``das`` preset has its own BGR variant)."""
     if convention == "bninception":
         return DASBNInceptionNormalize() if preset == "das" else BNInceptionPreprocess()
-    if convention == "imagenet":
-        return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if convention in MEAN_STD:
+        return T.Normalize(*MEAN_STD[convention])
     if convention == "none":
         return nn.Identity()
     raise ValueError(f"unknown input convention {convention!r}; expected one of {CONVENTIONS}")
@@ -123,6 +178,7 @@ class Geometry:
 
 _DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _LANCZOS = InterpolationMode.LANCZOS
+_BICUBIC = InterpolationMode.BICUBIC
 PRESETS: dict[str, Geometry] = {
     "deep_metric": Geometry(256, 227, (0.16, 1.0), _DEFAULT_RATIO, 256, 227),
     "ms": Geometry(256, 227, (0.16, 1.0), _DEFAULT_RATIO, 256, 227),
@@ -132,7 +188,13 @@ PRESETS: dict[str, Geometry] = {
     "iaa": Geometry((256, 256), 224, (0.16, 1.0), (0.75, 1.33), (256, 256), 224, _LANCZOS),
     "das": Geometry(None, 224, (0.08, 1.0), _DEFAULT_RATIO, 256, 224),
     "reality_check": Geometry(256, 227, (0.16, 1.0), (0.75, 1.33), 256, 227),
+    "vit": Geometry(None, 224, (0.08, 1.0), _DEFAULT_RATIO, 248, 224, _BICUBIC),
+    "dino": Geometry(None, 224, (0.2, 1.0), _DEFAULT_RATIO, 224, 224, _BICUBIC),
+    "dinov2": Geometry(None, 224, (0.2, 1.0), _DEFAULT_RATIO, 224, 224, _BICUBIC),
+    "clip": Geometry(None, 224, (0.2, 1.0), _DEFAULT_RATIO, 224, 224, _BICUBIC),
 }
+# the preset of each encoder family (zero-shot defaults: :func:`family_preset`)
+FAMILY_PRESETS = ("vit", "dino", "dinov2", "clip")
 
 
 def preset_geometry(preset: str, backbone: str | None = None, dataset: str | None = None) -> Geometry:
@@ -145,14 +207,33 @@ def preset_geometry(preset: str, backbone: str | None = None, dataset: str | Non
         g = Geometry(None, g.crop, g.scale, g.ratio, 256, 224, g.interpolation)
     if preset == "das" and backbone is not None and "googlenet" in backbone:
         g = Geometry(g.pre_resize, 227, g.scale, g.ratio, g.eval_resize, 227, g.interpolation)
+    patch = patch_size(backbone)
+    if patch is not None and (g.crop % patch or g.eval_crop % patch):
+        # a ViT would silently drop the border pixels that do not fill a whole patch
+        raise ConfigError(
+            f"transform preset {preset!r} crops {g.crop} (train) / {g.eval_crop} (eval) px, not a multiple of the "
+            f"patch size {patch} of backbone {backbone}; use a preset made for it ({', '.join(FAMILY_PRESETS)})"
+        )
     return g
+
+
+def family_preset(backbone: str) -> str:
+    """The preset of a backbone's encoder family: ``clip``, ``dinov2``, ``dino``, ``vit`` (other patch
+    models) or ``xbm`` (CNNs: 224-px crops)."""
+    name = backbone.lower()
+    for family in ("clip", "dinov2", "dino"):
+        if family in name:
+            return family
+    return "vit" if patch_size(backbone) is not None else "xbm"
 
 
 def _to_input(convention: str, preset: str) -> list[Any]:
     norm = normalization(convention, preset)
+    if convention == "none":
+        return [T.ToImage(), T.ToDtype(torch.float32, scale=True), norm]
     if isinstance(norm, BNInceptionPreprocess):
-        return [T.ToImage(), norm]  # from uint8 directly: exact integers, no 1/255 round trip
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), norm]
+        return [T.ToImage(), T.RGB(), norm]  # from uint8 directly: exact integers, no 1/255 round trip
+    return [T.ToImage(), T.RGB(), T.ToDtype(torch.float32, scale=True), norm]
 
 
 def train_transform(
@@ -193,7 +274,8 @@ TransformFactory = Callable[..., Callable[[Any], Any]]
 
 
 # Colour convention used when a registry factory is called without a backbone: the seed repo's default.
-PRESET_DEFAULT_CONVENTION = {preset: "bninception" for preset in PRESETS} | {"xbm": "imagenet"}
+PRESET_DEFAULT_CONVENTION = {preset: "bninception" for preset in PRESETS} | {
+    "xbm": "imagenet", "vit": "imagenet_inception", "dino": "imagenet", "dinov2": "imagenet", "clip": "clip"}
 
 
 def _factory(preset: str, train: bool) -> TransformFactory:

@@ -7,13 +7,17 @@ Directory layout (``FORMAT`` = "deepmetric-index/1"):
                      an approximate index against exact search, and an optional calibrated match threshold;
 * ``embeddings.npy`` (n, d) float32 as the model produced them; ``labels.npy`` (n,) int64 and ``paths.txt``
                      (one per row) when known;
-* ``faiss.index``    for kind "ivf" (IndexIVFFlat) or "hnsw" (IndexHNSWFlat) over the L2-normalised rows.
+* ``faiss.index``    for kind "ivf" (IndexIVFFlat) or "hnsw" (IndexHNSWFlat) over the L2-normalised rows;
+* ``neighbours_index.npy`` / ``neighbours_score.npy`` (n, k) int64 / float32: every gallery item's exact top-k
+                     other gallery items and their cosine similarities (``meta["neighbours"]["k"]``), built once
+                     so that DBA and k-reciprocal re-ranking at search time need no gallery-against-gallery search.
 
 Kind "exact" needs no faiss: it searches the stored embeddings with :func:`.retrieve` (the library's exact,
 stable-tie search, the same one evaluation uses). The approximate kinds need the optional ``faiss`` extra; their
 ``recall@k`` in the metadata is mean |ANN top-k ∩ exact top-k| / k over up to ``recall_sample`` gallery rows used
 as queries. ``load`` refuses a directory whose files are missing, whose checksums or shapes disagree with the
-metadata, or (when the caller says which model it holds) that was built by another model.
+metadata, whose stored neighbour lists do not belong to its embeddings (checked on a sample of rows), or (when
+the caller says which model it holds) that was built by another model.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class SearchIndex:
     kind: str = "exact"
     meta: dict[str, Any] = field(default_factory=dict)
     faiss_index: Any | None = None
+    neighbour_index: np.ndarray | None = None
+    neighbour_score: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -72,12 +78,28 @@ class SearchIndex:
         info = self.meta.get("threshold")
         return None if not info else float(info["threshold"])
 
+    @property
+    def gallery_neighbours(self) -> RetrievalResults | None:
+        """The stored top-k lists of every gallery item among the others (self-retrieval), if built."""
+        if self.neighbour_index is None or self.neighbour_score is None:
+            return None
+        n = self.embeddings.shape[0]
+        zeros = torch.zeros(n, dtype=torch.int64)
+        return RetrievalResults(
+            query_ids=torch.arange(n), neighbour_index=torch.from_numpy(self.neighbour_index),
+            neighbour_score=torch.from_numpy(self.neighbour_score), query_labels=None, gallery_labels=None,
+            n_relevant=zeros, first_relevant_rank=zeros, rank_depth=0, n_gallery=n, self_retrieval=True,
+            distance="cosine",
+        )
+
     @classmethod
     def build(cls, embeddings: Any, labels: Any | None = None, paths: list[str] | None = None, *,
               kind: str = "exact", params: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-              recall_k: int = 10, recall_sample: int = 1000, info: dict[str, Any] | None = None) -> SearchIndex:
+              recall_k: int = 10, recall_sample: int = 1000, info: dict[str, Any] | None = None,
+              neighbour_k: int = 0) -> SearchIndex:
         """Index ``embeddings`` (n, d); ``params`` go to faiss (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``).
-        ``recall_sample = 0`` skips the recall measurement of an approximate index."""
+        ``recall_sample = 0`` skips the recall measurement of an approximate index; ``neighbour_k > 0`` stores
+        every item's exact top-``neighbour_k`` gallery neighbours (for re-ranking at search time)."""
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
         emb = np.ascontiguousarray(np.asarray(embeddings), dtype=np.float32)
@@ -93,6 +115,13 @@ class SearchIndex:
                                 "dim": int(emb.shape[1]), "model": model or {}, "params": params or {}}
         meta.update(info or {})
         index = cls(emb, lab, paths, kind, meta)
+        if neighbour_k < 0:
+            raise ValueError(f"neighbour_k must be ≥ 0, got {neighbour_k}")
+        if neighbour_k > 0 and n > 1:
+            lists = retrieve(emb, k=min(neighbour_k, n - 1))
+            index.neighbour_index = lists.neighbour_index.numpy()
+            index.neighbour_score = lists.neighbour_score.numpy().astype(np.float32)
+            meta["neighbours"] = {"k": int(lists.k), "order": "(-cosine, gallery index), own row excluded"}
         if kind != "exact":
             faiss = import_faiss()
             index.faiss_index = build_faiss_index(faiss, _unit(emb), "cosine", _BACKEND[kind], params or {})
@@ -136,6 +165,10 @@ class SearchIndex:
         if self.paths is not None:
             (out / "paths.txt").write_text("".join(f"{p}\n" for p in self.paths))
             files.append("paths.txt")
+        if self.neighbour_index is not None and self.neighbour_score is not None:
+            np.save(out / "neighbours_index.npy", self.neighbour_index)
+            np.save(out / "neighbours_score.npy", self.neighbour_score)
+            files += ["neighbours_index.npy", "neighbours_score.npy"]
         if self.faiss_index is not None:
             import_faiss().write_index(self.faiss_index, str(out / "faiss.index"))
             files.append("faiss.index")
@@ -174,6 +207,8 @@ class SearchIndex:
         labels = np.load(d / "labels.npy") if "labels.npy" in meta["files"] else None
         paths = (d / "paths.txt").read_text().splitlines() if "paths.txt" in meta["files"] else None
         index = cls(emb, labels, paths, meta["kind"], meta)
+        if "neighbours" in meta:
+            index.neighbour_index, index.neighbour_score = _load_neighbours(d, emb, int(meta["neighbours"]["k"]))
         if meta["kind"] != "exact":
             index.faiss_index = import_faiss().read_index(str(d / "faiss.index"))
             if (index.faiss_index.ntotal, index.faiss_index.d) != (meta["n_items"], meta["dim"]):
@@ -185,6 +220,30 @@ class SearchIndex:
             if meta["kind"] == "hnsw":
                 index.faiss_index.hnsw.efSearch = int(params.get("ef_search", 128))
         return index
+
+
+def _load_neighbours(d: Path, emb: np.ndarray, k: int, sample: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The stored neighbour lists, verified against the embeddings: shapes, index range, no own row, and on
+    ``sample`` evenly spaced rows the stored scores equal the cosines recomputed from the embeddings and are in
+    (−score, index) order."""
+    where = d / "neighbours_index.npy"
+    idx = np.load(where, allow_pickle=False)
+    score = np.load(d / "neighbours_score.npy", allow_pickle=False)
+    n = emb.shape[0]
+    if idx.shape != (n, k) or score.shape != (n, k):
+        raise IndexFormatError(f"{where} and neighbours_score.npy have shapes {idx.shape} and {score.shape}, "
+                               f"meta.json says ({n}, {k})")
+    if idx.min(initial=0) < 0 or idx.max(initial=0) >= n or (idx == np.arange(n)[:, None]).any():
+        raise IndexFormatError(f"{where} holds indices outside [0, {n}) or an item's own row")
+    rows = np.unique(np.linspace(0, n - 1, min(sample, n)).round().astype(np.int64))
+    unit = _unit(emb)
+    recomputed = np.einsum("rd,rkd->rk", unit[rows], unit[idx[rows]])
+    ordered = np.all((score[rows, :-1] > score[rows, 1:])
+                     | ((score[rows, :-1] == score[rows, 1:]) & (idx[rows, :-1] < idx[rows, 1:])))
+    if not np.allclose(recomputed, score[rows], rtol=0, atol=1e-4) or not ordered:
+        raise IndexFormatError(f"{where}: the stored neighbour lists do not belong to embeddings.npy (scores "
+                               "differ from the recomputed cosines or are out of order); rebuild the index")
+    return idx, score
 
 
 def _check_model(stored: dict[str, Any], current: dict[str, Any], where: Path) -> None:

@@ -113,12 +113,62 @@ def _expand_rows(rows: Tensor, g: Tensor, index: Tensor, scores: Tensor, n: int,
 
 
 def database_augmentation(results: RetrievalResults, query: Any, gallery: Any | None = None, *, n: int = 2,
-                          alpha: float = 3.0) -> RetrievalResults:
-    """DBA re-ranking of the listed candidates: the gallery side is augmented by its own top-n neighbours."""
+                          alpha: float = 3.0, gallery_neighbours: RetrievalResults | None = None) -> RetrievalResults:
+    """DBA re-ranking of the listed candidates: the gallery side is augmented by its own top-n neighbours
+    (``gallery_neighbours``: the gallery's stored self-retrieval lists, e.g. from a search index; searched when
+    None)."""
     q, g = _vectors(results, query, gallery)
-    nb = retrieve(g, k=n)  # the gallery's own neighbours, own row excluded
+    nb = _gallery_lists(g, n, gallery_neighbours)
     augmented = _expand_rows(g, g, nb.neighbour_index, nb.neighbour_score, n, alpha)
     return reorder(results, _pair_scores(q[results.query_ids], augmented, results.neighbour_index))
+
+
+def _gallery_lists(g: Tensor, k: int, stored: RetrievalResults | None) -> RetrievalResults:
+    """The gallery's top-``k`` self-retrieval lists (own row excluded): ``stored`` cut to k, or searched now."""
+    if stored is None:
+        return retrieve(g, k=k)
+    if not stored.self_retrieval or stored.n_gallery != g.shape[0] or stored.n_queries != g.shape[0]:
+        raise ValueError(f"gallery_neighbours must be the self-retrieval lists of all {g.shape[0]} gallery items")
+    if stored.k < k:
+        raise ValueError(f"the stored gallery neighbour lists hold {stored.k} entries per item but this re-ranking "
+                         f"needs {k}; store longer lists (deepmetric index --neighbour-k {k})")
+    return stored.truncated(k)
+
+
+def _merge_lists(index: Tensor, score: Tensor, k: int) -> Tensor:
+    """The first ``k`` of each row of candidates (index, score) in the order (−score, index)."""
+    by_index = index.sort(dim=1)
+    order = torch.sort(score.gather(1, by_index.indices), dim=1, descending=True, stable=True).indices[:, :k]
+    return by_index.values.gather(1, order)
+
+
+def _union_neighbours(q: Tensor, g: Tensor, k: int, self_retrieval: bool,
+                      stored: RetrievalResults | None) -> Tensor:
+    """(M, k + 1): each item of U (queries first, then the gallery; U = gallery in self-retrieval) followed by its
+    k nearest other items of U in the order (−score, U index).
+
+    The gallery-to-gallery part comes from ``stored`` when given (no O(N²) work per call); the rest are searches
+    of the queries against U and of the gallery against the queries, merged per row: each part holds the top-k of
+    its side, so the top-k of the union lies among them.
+    """
+    n_q = q.shape[0]
+    gg = _gallery_lists(g, k, stored)
+    if self_retrieval:
+        nn = gg.neighbour_index
+    else:
+        qg = retrieve(q, gallery=g, k=k)
+        q_index, q_score = [qg.neighbour_index + n_q], [qg.neighbour_score]
+        if n_q > 1:
+            qq = retrieve(q, k=min(k, n_q - 1))
+            q_index.append(qq.neighbour_index)
+            q_score.append(qq.neighbour_score)
+        gq = retrieve(g, gallery=q, k=min(k, n_q))
+        query_rows = _merge_lists(torch.cat(q_index, 1), torch.cat(q_score, 1), k)
+        gallery_rows = _merge_lists(torch.cat([gq.neighbour_index, gg.neighbour_index + n_q], 1),
+                                    torch.cat([gq.neighbour_score, gg.neighbour_score.to(gq.neighbour_score.dtype)], 1),
+                                    k)
+        nn = torch.cat([query_rows, gallery_rows])
+    return torch.cat([torch.arange(nn.shape[0], device=nn.device).unsqueeze(1), nn], dim=1)
 
 
 def _reciprocal(first: Tensor, width: int, rows: Tensor) -> Tensor:
@@ -127,17 +177,22 @@ def _reciprocal(first: Tensor, width: int, rows: Tensor) -> Tensor:
     return (back == rows.view(-1, 1, 1)).any(dim=2)
 
 
-def _sparse_weights(u: Tensor, first: Tensor, k1: int) -> Tensor:
-    """Coalesced sparse (M, M) matrix V of the k-reciprocal encoding (before local query expansion)."""
+def _sparse_weights(u: Tensor, first: Tensor, k1: int, needed: Tensor) -> Tensor:
+    """Coalesced sparse (M, M) matrix V of the k-reciprocal encoding (before local query expansion); only the
+    rows ``needed`` (sorted, unique) are filled, so a few queries cost O(k1³) per row instead of O(M)."""
     m = u.shape[0]
     half = int(np.around(k1 / 2))
     device = u.device
-    recip_half = torch.cat([_reciprocal(first, half + 1, r) for r in torch.arange(m, device=device).split(4096)])
-    half_sets = torch.where(recip_half, first[:, : half + 1], torch.full_like(first[:, : half + 1], -1))
+    # R(c, k1/2) is read for every c ∈ N(a, k1 + 1) of a needed row a
+    centres = torch.unique(first[needed, : k1 + 1])
+    half_sets = torch.full((m, half + 1), -1, dtype=torch.int64, device=device)
+    for r in centres.split(4096):
+        half_sets[r] = torch.where(_reciprocal(first, half + 1, r), first[r, : half + 1],
+                                   torch.full_like(first[r, : half + 1], -1))
     entries: list[Tensor] = []
     weights: list[Tensor] = []
     rows_per_chunk = max(1, CHUNK_ELEMENTS // ((k1 + 1) ** 2 * (half + 1)))
-    for rows in torch.arange(m, device=device).split(rows_per_chunk):
+    for rows in needed.split(rows_per_chunk):
         recip = _reciprocal(first, k1 + 1, rows)  # R(a, k1) as a mask over N(a, k1 + 1)
         own = torch.where(recip, first[rows, : k1 + 1], torch.full_like(recip, -1, dtype=torch.int64))
         cand = half_sets[first[rows, : k1 + 1]]  # (r, k1 + 1, half + 1): R(c, k1/2) of each c ∈ N(a, k1 + 1)
@@ -187,8 +242,12 @@ def _jaccard(v: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def k_reciprocal(results: RetrievalResults, query: Any, gallery: Any | None = None, *, k1: int = 20, k2: int = 6,
-                 lambda_value: float = 0.3) -> RetrievalResults:
-    """k-reciprocal re-ranking of the listed candidates (definitions in the module docstring)."""
+                 lambda_value: float = 0.3, gallery_neighbours: RetrievalResults | None = None) -> RetrievalResults:
+    """k-reciprocal re-ranking of the listed candidates (definitions in the module docstring).
+
+    ``gallery_neighbours``: the gallery's stored self-retrieval lists (at least k1 per item, e.g. from a search
+    index); without them the gallery is searched against itself on every call.
+    """
     if k1 < 1 or not 1 <= k2 <= k1 + 1:
         raise ValueError(f"need k1 ≥ 1 and 1 ≤ k2 ≤ k1 + 1, got k1={k1}, k2={k2}")
     if not 0 <= lambda_value <= 1:
@@ -197,20 +256,22 @@ def k_reciprocal(results: RetrievalResults, query: Any, gallery: Any | None = No
     u = g if results.self_retrieval else torch.cat([q, g])
     if u.shape[0] < k1 + 2:
         raise ValueError(f"k1={k1} needs at least {k1 + 2} items in the union of queries and gallery")
-    nn = retrieve(u, k=k1).neighbour_index  # exact k1 nearest of every item in U, own row excluded
-    first = torch.cat([torch.arange(u.shape[0], device=u.device).unsqueeze(1), nn], dim=1)
-    v = _sparse_weights(u, first, k1)
+    first = _union_neighbours(q, g, k1, results.self_retrieval, gallery_neighbours)
+    qu = results.query_ids
+    gu = results.neighbour_index if results.self_retrieval else results.neighbour_index + q.shape[0]
+    # V is needed on the queries and their candidates, and (local expansion) on their k2 nearest items
+    pair_rows = torch.unique(torch.cat([qu, gu.reshape(-1)]))
+    needed = torch.unique(first[pair_rows, :k2]) if k2 > 1 else pair_rows
+    v = _sparse_weights(u, first, k1, needed)
     if k2 > 1:
-        rows = torch.arange(u.shape[0], device=u.device).repeat_interleave(k2)
-        expansion = torch.sparse_coo_tensor(torch.stack([rows, first[:, :k2].reshape(-1)]),
+        rows = pair_rows.repeat_interleave(k2)
+        expansion = torch.sparse_coo_tensor(torch.stack([rows, first[pair_rows, :k2].reshape(-1)]),
                                             torch.full((rows.shape[0],), 1.0 / k2, device=u.device), v.shape,
                                             check_invariants=False)
         with warnings.catch_warnings():
             # torch routes sparse × sparse through its CSR kernels and says so on every call
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             v = torch.sparse.mm(expansion.coalesce(), v).coalesce()
-    qu = results.query_ids
-    gu = results.neighbour_index if results.self_retrieval else results.neighbour_index + q.shape[0]
     pairs_a = qu.unsqueeze(1).expand_as(gu).reshape(-1)
     d_j = _jaccard(v, pairs_a, gu.reshape(-1)).view_as(gu)
     d = 2 - 2 * results.neighbour_score.to(d_j.dtype)
@@ -226,9 +287,13 @@ RERANKERS: dict[str, Callable[..., RetrievalResults]] = {
 
 def rerank(results: RetrievalResults, method: str, query: Any, gallery: Any | None = None,
            **params: Any) -> RetrievalResults:
-    """Apply ``RERANKERS[method]`` ("aqe", "dba", "kreciprocal") with its keyword ``params``."""
+    """Apply ``RERANKERS[method]`` ("aqe", "dba", "kreciprocal") with its keyword ``params``; a
+    ``gallery_neighbours`` results object (the gallery's stored self-retrieval lists) replaces the search of the
+    gallery against itself in DBA and k-reciprocal."""
     if method not in RERANKERS:
         raise ValueError(f"unknown re-ranking method {method!r}; valid: {', '.join(RERANKERS)}")
+    if method == "aqe":
+        params.pop("gallery_neighbours", None)  # αQE reads only the queries' own lists
     return RERANKERS[method](results, query, gallery, **params)
 
 

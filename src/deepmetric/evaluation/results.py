@@ -91,7 +91,10 @@ class RetrievalResults:
         return result
 
     def metrics_by_group(self, groups: Any, recall_at: Sequence[int] = (1, 2, 4, 8)) -> dict[Any, dict[str, float]]:
-        """The metric means per value of ``groups`` (one entry per query row, e.g. a category column)."""
+        """The metric means per value of ``groups`` (one entry per result row, e.g. the category of each query:
+        ``category_of_item[results.query_ids]``), keyed by the group value (numpy scalars as Python values). Each
+        entry has the keys of :meth:`metrics`: the means over the group's queries with R_q > 0 (NaN when it has
+        none), ``n_queries`` and ``n_queries_without_relevant``."""
         g = np.asarray(groups)
         if g.shape != (self.n_queries,):
             raise ValueError(f"groups must have one entry per query ({self.n_queries}), got shape {g.shape}")
@@ -103,6 +106,7 @@ class RetrievalResults:
             entry: dict[str, float] = {name: float(v[rows].mean()) if rows.any() else float("nan")
                                        for name, v in values.items()}
             entry["n_queries"] = int((g == value).sum())
+            entry["n_queries_without_relevant"] = entry["n_queries"] - int(rows.sum())
             out[value.item() if hasattr(value, "item") else value] = entry
         return out
 

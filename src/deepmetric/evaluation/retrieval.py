@@ -11,6 +11,9 @@ blocks), removes each query's own row *by index* in self-retrieval, and then wor
    positive attaining s⁺; no long list is ever materialised;
 3. full MAP (on request) counts the rank of every relevant item outside the list the same way.
 
+Scores: cosine on float32 input is the GEMM of the L2-normalised rows; on float64 input the GEMM of the raw rows
+ranked by sign(S)·S²/‖g‖² (per query the cosine order), exact on quantised data (docs/retrieval.md, ties).
+
 Threads: the GEMM runs on torch's T threads; steps 1–3 run on T one-thread workers that pull slices of the block's
 rows (k_b is then per slice). Memory-bound operators split statically over T OpenMP threads wait at every operator
 for the slowest thread, so on a loaded machine the post-GEMM work with 2 threads was measured slower than with one;
@@ -37,7 +40,7 @@ from tqdm.auto import tqdm
 
 from deepmetric.evaluation import metrics as M
 from deepmetric.evaluation.inputs import DISTANCES, as_embeddings, as_labels
-from deepmetric.evaluation.knn import count_ranked_before, stable_topk
+from deepmetric.evaluation.knn import count_ranked_before, exact_cosine_key, stable_topk
 from deepmetric.evaluation.results import LIST_METRICS, RetrievalResults
 
 TIE_POLICIES = ("stable", "optimistic")
@@ -222,6 +225,9 @@ class _Pass:
     n_g: int
     n_pad: int
     count_rows: int  # rows re-ranked by counting are copied in groups of this size: bounded extra memory
+    #: float64 cosine ranks by sign(S)·S²/‖g‖² (knn.exact_cosine_key): ‖g‖² (padded), ‖q‖ per row; else None
+    gallery_sq_norm: Tensor | None
+    query_norm: Tensor | None
     index: Tensor
     score: Tensor
     first_rank: Tensor
@@ -238,8 +244,13 @@ class _Pass:
         r_b = self.r[q0:q1]
         k = max(self.keep, int(r_b.max()) if want_r else 1, min(self.depth, RECALL_LIST_CAP))
         k = min(k, self.n_candidates)
+        if self.gallery_sq_norm is not None:
+            exact_cosine_key(s, self.gallery_sq_norm)
         top_v, top_i = stable_topk(s, k)
         self.index[q0:q1], self.score[q0:q1] = top_i[:, : self.keep], top_v[:, : self.keep]
+        if self.query_norm is not None:
+            kept = top_v[:, : self.keep]
+            self.score[q0:q1] = kept.sign() * kept.abs().sqrt() / self.query_norm[q0:q1].unsqueeze(1)
         if groups is None or gl is None or self.qlab is None:
             return self.n_candidates
         rel = gl[top_i] == self.qlab[q0:q1].unsqueeze(1)
@@ -300,9 +311,16 @@ def _search(
     device = q.device
     # the default "every row in order" reads query blocks as views instead of gathered copies
     all_rows = n_q == q.shape[0] and bool((qrows == torch.arange(n_q, device=device)).all())
-    gp = _padded_gallery(prepare(g, distance), TOPK_WIDTH)
+    exact_cosine = distance == "cosine" and g.dtype == torch.float64
+    gp = _padded_gallery(g if exact_cosine else prepare(g, distance), TOPK_WIDTH)
     n_pad = gp.shape[0]
-    qp = gp if self_mode else prepare(q, distance)
+    qp = gp if self_mode else (q if exact_cosine else prepare(q, distance))
+    gallery_sq_norm = query_norm = None
+    if exact_cosine:
+        # the clamps mirror F.normalize's eps: a zero row scores 0 against everything
+        gallery_sq_norm = (gp * gp).sum(dim=1).clamp_min(1e-24)
+        gallery_sq_norm[n_g:] = 1.0
+        query_norm = torch.linalg.vector_norm(qp.index_select(0, qrows), dim=1).clamp_min(1e-12)
     bias = None
     if distance == "euclidean":
         bias = -(gp * gp).sum(dim=1)
@@ -330,7 +348,8 @@ def _search(
     known_depth = n_candidates
 
     ctx = _Pass(gl, qlab, qrows, r, groups, self_mode, keep, depth, list_metrics, ties,
-                n_candidates, n_g, n_pad, max(1, b // 4), index, score, first_rank, per_query)
+                n_candidates, n_g, n_pad, max(1, b // 4), gallery_sq_norm, query_norm, index, score, first_rank,
+                per_query)
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
     try:

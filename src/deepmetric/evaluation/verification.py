@@ -14,7 +14,11 @@ fraction of q's sampled impostors with s ≥ t (the usual plug-in binomial varia
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +27,14 @@ from torch import Tensor
 
 from deepmetric.evaluation.inputs import as_embeddings
 from deepmetric.evaluation.results import RetrievalResults
-from deepmetric.evaluation.retrieval import prepare, relevant_pairs
+from deepmetric.evaluation.retrieval import prepare, relevant_pairs, retrieve
 from deepmetric.random_source import RandomSource
 
 DEFAULT_FMRS = (1e-2, 1e-3, 1e-4)
+#: the false-match rate a training run calibrates its match threshold for
+DEFAULT_TARGET_FMR = 1e-3
+#: the file beside results.json that holds a run's calibrated threshold
+THRESHOLD_FILE = "verification.json"
 
 
 @dataclass
@@ -168,5 +176,45 @@ def threshold_report(ps: PairScores, threshold: float) -> dict[str, float]:
     return {"threshold": threshold, "fmr": fmr, "fmr_standard_error": se, "fnmr": ps.false_non_match_rate(threshold)}
 
 
-__all__ = ["DEFAULT_FMRS", "PairScores", "calibrate_threshold", "pair_scores", "threshold_report",
-           "verification_metrics"]
+def calibrate_on_split(embeddings: Any, labels: Any, target_fmr: float = DEFAULT_TARGET_FMR, *,
+                       split: str = "validation", negatives_per_query: int = 64, k: int = 100,
+                       seed: int = 0) -> dict[str, Any]:
+    """A "same item" cosine threshold for ``target_fmr`` calibrated on a labelled split (self-retrieval lists of
+    ``k`` plus sampled impostors, see :func:`pair_scores`), with the FMR/FNMR it measured there."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or np.unique(lab).shape[0] < 2:
+        raise ValueError(f"the {split} split needs at least two classes to calibrate a match threshold")
+    results = retrieve(embeddings, lab, k=min(k, lab.shape[0] - 1), list_metrics=())
+    pairs = pair_scores(results, embeddings, negatives_per_query=negatives_per_query, seed=seed)
+    threshold = calibrate_threshold(pairs, target_fmr)
+    measured = threshold_report(pairs, threshold)
+    return {"threshold": threshold, "target_fmr": target_fmr, "calibrated_on": split, "n_items": int(lab.shape[0]),
+            "val_fmr": measured["fmr"], "val_fmr_standard_error": measured["fmr_standard_error"],
+            "val_fnmr": measured["fnmr"], "rule": "match iff cosine similarity ≥ threshold"}
+
+
+def write_threshold(path: str | Path, info: dict[str, Any]) -> Path:
+    """Write a calibrated threshold as JSON atomically (a reader never sees a half-written file)."""
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def read_threshold(path: str | Path) -> dict[str, Any]:
+    """A threshold written by :func:`write_threshold`; a clear error naming the file when it is not one."""
+    p = Path(path)
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p}: cannot read a match threshold ({exc})") from exc
+    value = info.get("threshold") if isinstance(info, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{p}: field 'threshold' must be a finite number, got {value!r}")
+    return info
+
+
+__all__ = ["DEFAULT_FMRS", "DEFAULT_TARGET_FMR", "THRESHOLD_FILE", "PairScores", "calibrate_on_split",
+           "calibrate_threshold", "pair_scores", "read_threshold", "threshold_report", "verification_metrics",
+           "write_threshold"]

@@ -12,6 +12,9 @@ from deepmetric.losses.multi_similarity import MultiSimilarityLoss, WeightLoss
 from deepmetric.losses.nca import NCALoss
 from deepmetric.losses.npair import NPairLoss
 from deepmetric.losses.proxy import ProxyAnchorLoss, ProxyLoss, ProxyNCALoss
+from deepmetric.losses.recall_surrogate import RecallSurrogateLoss
+from deepmetric.losses.smooth_ap import SmoothAPLoss
+from deepmetric.losses.smooth_rank import SmoothRankLoss
 from deepmetric.losses.triplet import TripletMarginLoss
 
 LOSSES: dict[str, type[MetricLoss]] = {
@@ -29,11 +32,13 @@ LOSSES: dict[str, type[MetricLoss]] = {
     "normalized_softmax": NormalizedSoftmaxLoss,
     "arcface": ArcFaceLoss,
     "soft_triple": SoftTripleLoss,
+    "smooth_ap": SmoothAPLoss,
+    "recall_surrogate": RecallSurrogateLoss,
 }
 
 __all__ = [
     "LOSSES", "ArcFaceLoss", "BinomialDevianceLoss", "ContrastiveLoss", "LiftedStructureLoss", "MarginLoss",
     "MetricLoss", "Mined", "MinedPairs", "MinedTriplets", "MultiSimilarityLoss", "NCALoss", "NPairLoss",
-    "NormalizedSoftmaxLoss", "PairLoss", "Pairs", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "SoftTripleLoss",
-    "TripletMarginLoss", "WeightLoss",
+    "NormalizedSoftmaxLoss", "PairLoss", "Pairs", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "RecallSurrogateLoss",
+    "SmoothAPLoss", "SmoothRankLoss", "SoftTripleLoss", "TripletMarginLoss", "WeightLoss",
 ]

@@ -116,6 +116,7 @@ class SemiHardMiner(Miner):
 
 def distance_weighted_probabilities(
     dist: Tensor, negative: Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = None,
+    *, legacy_mdr_positive: Tensor | None = None,
 ) -> Tensor:
     r"""Per-anchor negative sampling probabilities of distance-weighted sampling (Wu et al., ICCV 2017).
 
@@ -128,15 +129,30 @@ def distance_weighted_probabilities(
     1e-8 for D → 2). Entries that are not negatives, or with D ≥ ``nonzero_loss_cutoff`` (Wu's 1.4, applied in
     MDR, off in MS/DAS), get 0. A row whose negatives are all cut off falls back to uniform over its negatives
     (MDR). Rows without negatives are all zero.
+
+    ``legacy_mdr_positive`` (the positive mask of the same pairs) reproduces MDR's released sampler
+    (``metric/pairsampler.py:DistanceWeighted``) instead: in float32, the self (and every other non-pair) entry
+    at D = 1, the row max of log w taken over *all* columns — self and positives included — and the 1.4 cutoff
+    applied after exp. When a positive is much closer than every negative (e.g. D_ap ≤ 0.5, D_an ≥ 0.7 at
+    n = 512: log-weight gap ≈ 200), every negative weight underflows to 0 and the row falls back to uniform over
+    *all* its negatives, ignoring both the density and the upper cutoff.
     """
     n = float(dim)
+    legacy = legacy_mdr_positive is not None
+    if legacy:
+        # the code's model output is float32; its pdist + eye puts the self distance at 1
+        dist = dist.float().masked_fill(~(legacy_mdr_positive | negative), 1.0)
     dc = dist.clamp_min(cutoff)
     log_w = (2.0 - n) * torch.log(dc) - ((n - 3.0) / 2.0) * torch.log((1.0 - 0.25 * dc * dc).clamp_min(1e-8))
     eligible = negative if nonzero_loss_cutoff is None else negative & (dist < nonzero_loss_cutoff)
-    log_w = log_w.masked_fill(~eligible, float("-inf"))
-    row_max = log_w.amax(1, keepdim=True)
-    w = torch.exp(log_w - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
-    fallback = ~eligible.any(1, keepdim=True) & negative
+    if legacy:
+        w = torch.exp(log_w - log_w.amax(1, keepdim=True)).masked_fill(~eligible, 0.0)
+        fallback = (w.sum(1, keepdim=True) == 0) & negative
+    else:
+        log_w = log_w.masked_fill(~eligible, float("-inf"))
+        row_max = log_w.amax(1, keepdim=True)
+        w = torch.exp(log_w - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+        fallback = ~eligible.any(1, keepdim=True) & negative
     w = torch.where(fallback, torch.ones_like(w), w).masked_fill(~negative, 0.0)
     return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
@@ -148,21 +164,26 @@ class DistanceWeightedMiner(Miner):
     :func:`distance_weighted_probabilities` (``cutoff`` 0.5, optional ``nonzero_loss_cutoff`` 1.4), D =
     Euclidean distance of L2-normalised embeddings, n = ``embedding_dim`` (default: the embedding width).
     Sampling by inverse CDF with this miner's random stream. Returns :class:`MinedTriplets`.
+
+    ``legacy_mdr=True`` computes the weights as MDR's released sampler does (float32, row max over all
+    columns, uniform fallback once they underflow; see :func:`distance_weighted_probabilities`); the default
+    follows the paper (weights relative to the best eligible negative, so they never all underflow).
     """
 
     def __init__(
         self, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = None, *, embedding_dim: int | None = None,
-        positives: Positives = "random", seed: int | None = None,
+        positives: Positives = "random", legacy_mdr: bool = False, seed: int | None = None,
     ) -> None:
         super().__init__(seed)
         self.cutoff, self.nonzero_loss_cutoff = float(cutoff), nonzero_loss_cutoff
-        self.embedding_dim, self.positives = embedding_dim, positives
+        self.embedding_dim, self.positives, self.legacy_mdr = embedding_dim, positives, bool(legacy_mdr)
 
     def mine(self, embeddings: Tensor, ref_embeddings: Tensor, pos: Tensor, neg: Tensor) -> MinedTriplets:
         d = pairwise_distance(embeddings, ref_embeddings)
         probs = distance_weighted_probabilities(
-            d, neg, self.embedding_dim or embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
-        )
+            d, neg, self.embedding_dim or embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff,
+            legacy_mdr_positive=pos if self.legacy_mdr else None,
+        ).to(d.dtype)
         a, p = _positive_pairs(self, pos & neg.any(1, keepdim=True), d, self.positives)
         if a.numel() == 0:
             return _no_triplets(d.device)

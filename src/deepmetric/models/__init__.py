@@ -9,10 +9,16 @@ from deepmetric.models.backbones import (
 )
 from deepmetric.models.bninception import BNInception
 from deepmetric.models.config import ModelConfig
-from deepmetric.models.factory import build_model
+from deepmetric.models.factory import build_configured_backbone, build_model
 from deepmetric.models.head import EmbeddingHead, EmbeddingModel, apply_bn_policy, global_pool
 from deepmetric.models.kanji_cnn import KanjiCNN
-from deepmetric.models.pretrained import PretrainedWeightsError, load_weights, resolve_imagenet_file
+from deepmetric.models.pretrained import (
+    PretrainedWeightsError,
+    load_weights,
+    resolve_imagenet_file,
+    resolve_timm_weights,
+)
+from deepmetric.models.timm_backbone import is_token_model, layer_decay_groups
 
 __all__ = [
     "BACKBONES",
@@ -27,8 +33,12 @@ __all__ = [
     "TorchvisionBackbone",
     "apply_bn_policy",
     "build_backbone",
+    "build_configured_backbone",
     "build_model",
     "global_pool",
+    "is_token_model",
+    "layer_decay_groups",
     "load_weights",
     "resolve_imagenet_file",
+    "resolve_timm_weights",
 ]

@@ -1,5 +1,6 @@
 """Backbones: each is an ``nn.Module`` mapping images to a feature map, with ``out_channels`` and
 ``input_convention`` (``bninception`` = Caffe BGR 0–255, ``imagenet`` = RGB mean/std, ``none``) attributes.
+timm ViTs (:mod:`deepmetric.models.timm_backbone`) give tokens instead and say so in ``feature_layout``.
 
 ``pretrained``: ``None`` (random init), a local weight file (loaded strictly into the *complete* network,
 classifier included, exactly as the file was published), or ``"imagenet"`` (hub cache, else download, else an
@@ -24,6 +25,7 @@ from deepmetric.models.pretrained import (
     resolve_imagenet_file,
     squeeze_leading_singletons,
 )
+from deepmetric.models.timm_backbone import TimmBackbone
 
 
 def _weight_file(name: str, pretrained: str | Path | None) -> Path | None:
@@ -167,48 +169,6 @@ def _features_net(name: str, pretrained: str | Path | None, keep_classifier: boo
     return TorchvisionBackbone(name, net.features, out_channels, net.classifier if keep_classifier else None)
 
 
-class TimmBackbone(nn.Module):
-    """Any timm model through ``forward_features`` (feature map); needs the ``timm`` extra."""
-
-    input_convention = "imagenet"
-
-    def __init__(
-        self, name: str, pretrained: str | Path | None = None, keep_classifier: bool = False
-    ) -> None:
-        super().__init__()
-        try:
-            import timm
-        except ImportError as exc:
-            raise ImportError(
-                f"backbone 'timm:{name}' needs the optional dependency timm: pip install 'deepmetric[timm]'"
-            ) from exc
-        if str(pretrained) == "imagenet":
-            try:
-                net = timm.create_model(name, pretrained=True)
-            except Exception as exc:
-                raise PretrainedWeightsError(
-                    f"timm could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}); "
-                    f"download them where you are online (Hugging Face cache) or pass "
-                    f"model.pretrained=/path/to/{name}.pth"
-                ) from exc
-        else:
-            net = timm.create_model(name, pretrained=False)
-            if pretrained is not None:
-                load_weights(net, Path(pretrained).expanduser())
-        if not keep_classifier:
-            net.reset_classifier(0)
-        self.net = net
-        self.name = name
-        self.out_channels = int(net.num_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net.forward_features(x)
-
-    def classify(self, x: Tensor) -> Tensor:
-        """Class logits (needs ``keep_classifier=True``)."""
-        return self.net.forward_head(self(x))
-
-
 BackboneBuilder = Callable[..., nn.Module]
 
 
@@ -275,9 +235,14 @@ BACKBONES: dict[str, BackboneBuilder] = {
 
 
 def build_backbone(name: str, pretrained: str | Path | None = None, **options: Any) -> nn.Module:
-    """Backbone by name (``BACKBONES`` or ``timm:<model>``); options: keep_classifier, last_stride_one, width."""
+    """Backbone by name (``BACKBONES`` or ``timm:<model>``); options: keep_classifier, last_stride_one, width,
+    image_size (timm token models)."""
     if name.startswith("timm:"):
-        return TimmBackbone(name[len("timm:") :], pretrained, options.get("keep_classifier", False))
+        unknown = set(options) - {"keep_classifier", "image_size"}
+        if unknown:
+            raise ValueError(f"options {sorted(unknown)} do not apply to timm backbones like {name!r}")
+        return TimmBackbone(name[len("timm:") :], pretrained, options.get("keep_classifier", False),
+                            options.get("image_size"))
     if name == "bn_inception":
         name = "bninception"
     if name not in BACKBONES:

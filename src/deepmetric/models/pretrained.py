@@ -3,6 +3,10 @@
 Nothing here downloads unless asked for ``"imagenet"`` and the file is not already in
 ``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``). Setting ``DEEPMETRIC_OFFLINE=1``
 forbids the download attempt; offline, the error says which file to put where.
+
+timm models (:func:`resolve_timm_weights`) are looked up in ``<hub checkpoints>/timm/<model>.<tag>.<ext>``, then
+in the Hugging Face cache (and, for weights timm fetches by URL, the hub checkpoints folder); when none has them
+timm downloads them into its own cache.
 """
 
 from __future__ import annotations
@@ -98,6 +102,65 @@ def resolve_imagenet_file(backbone: str) -> Path:
             f"could not download ImageNet weights for {backbone!r} ({type(exc).__name__}: {exc}); {hint}"
         ) from exc
     return target
+
+
+def _timm_source(name: str) -> tuple[str, str, str]:
+    """(full model name with its tag, file name, download address) of timm model ``name``'s pretrained weights."""
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError as exc:
+        raise ImportError("timm backbones need the optional dependency timm: pip install 'deepmetric[timm]'") from exc
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise PretrainedWeightsError(
+            f"timm publishes no pretrained weights for {name!r}; timm.list_pretrained('{name.split('.')[0]}*') lists "
+            "the tags that have them (e.g. timm:vit_small_patch16_224.dino), or pass model.pretrained=/path/to/file"
+        )
+    if cfg.hf_hub_id:
+        filename = cfg.hf_hub_filename or "model.safetensors"
+        return cfg.hf_hub_id.split("/")[-1], filename, f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{filename}"
+    full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else name
+    return full, cfg.url.rsplit("/", 1)[-1], cfg.url
+
+
+def timm_weights_file(name: str) -> Path:
+    """Where deepmetric looks first for timm model ``name``'s weights: ``<hub checkpoints>/timm/<model>.<tag>.<ext>``."""
+    full, filename, _ = _timm_source(name)
+    return hub_checkpoint_dir() / "timm" / f"{full}{Path(filename).suffix}"
+
+
+def timm_weights_hint(name: str) -> str:
+    """What to do without network: the file to download, and where to put it or how to pass it."""
+    _, filename, address = _timm_source(name)
+    return (f"put the file {filename} (from {address}) at {timm_weights_file(name)}, or pass its location with "
+            f"model.pretrained=/path/to/{filename}")
+
+
+def resolve_timm_weights(name: str) -> Path | None:
+    """A local file with timm model ``name``'s pretrained weights, or None when timm is to download them.
+
+    Offline (``DEEPMETRIC_OFFLINE``) without a local file: :class:`PretrainedWeightsError` naming the file to place.
+    """
+    full, filename, address = _timm_source(name)
+    candidates = [timm_weights_file(name)]
+    if address.startswith("https://huggingface.co/"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = address[len("https://huggingface.co/"):].split("/resolve/")[0]
+        for hub_name in dict.fromkeys((filename, "model.safetensors", "pytorch_model.bin")):
+            cached = try_to_load_from_cache(repo, hub_name)
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+    else:
+        candidates.append(hub_checkpoint_dir() / filename)  # timm's URL downloads land there
+    for path in candidates:
+        if path.is_file():
+            return path
+    if _offline():
+        raise PretrainedWeightsError(
+            f"pretrained weights of timm:{full} not found and DEEPMETRIC_OFFLINE is set: {timm_weights_hint(name)}"
+        )
+    return None
 
 
 def read_state_dict(path: str | Path) -> StateDict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -187,14 +187,24 @@ class IAA(SynthesisMethod):
     plain baseline and synthesis starts at trainer epoch 30 (code epoch 31).
 
     Estimation: :meth:`on_epoch_start` re-estimates from a pass of ``model`` over ``loader`` in eval mode
-    without gradients at code epochs start_epoch+1, start_epoch+1+update_every, … (code: 31, 33, …; the paper
-    re-estimates every 4 epochs). The released code passes the *training* loader with training
-    augmentations. ``embed_fn(model, batch) -> (embeddings, labels)`` customises how a batch is embedded.
+    without gradients, before the epoch's first step, at code epochs start_epoch+1, start_epoch+1+update_every,
+    … (code: 31, 33, …; the paper re-estimates every 4 epochs). The pass covers every training image once, in
+    order. ``estimation_transform`` says which transform the trainer's loader applies: ``"train"`` (default)
+    the training augmentation, as the released code (``run.py``: ``loader_train_eval`` is built on
+    ``dataset_train``, which carries ``train_transform``); ``"eval"`` the deterministic evaluation transform.
+    The paper does not say; the default follows the code because the estimated Σ perturbs embeddings of
+    augmented training images, so it is estimated on that same distribution. Model mode: the code runs the
+    pass in train mode with every BN in eval mode; its backbones (and ours, cut before any dropout) have no
+    other train-mode layer, so that equals eval mode, which is used here so that a trainer whose BN policy
+    trains the statistics does not update them on the estimation pass.
+    ``embed_fn(model, batch) -> (embeddings, labels)`` customises how a batch is embedded.
 
-    Defaults follow the paper (plain estimate, neighbor correction applied, correct √ for every copy, constant
-    λ, update every 4 epochs); :meth:`legacy_kwargs` gives the released code's settings (running update with
-    momentum 0.2, neighbor correction computed but never applied, cumulative √, λ schedule, update every 2
-    epochs). ``start_epoch=30`` is the code's value (the paper does not state one). With an iteration-based
+    Defaults follow the paper (plain estimate, correct √ for every copy, constant λ, update every 4 epochs).
+    Neighbor correction is off by default: the paper applies it only to few-sample datasets (SOP, In-shop,
+    VehicleID; methods.md §5.2), so enable it there; the released code computes it and never applies it.
+    :meth:`legacy_kwargs` gives the released code's settings (running update with momentum 0.2, no neighbor
+    correction, cumulative √, λ schedule, update every 2 epochs, estimation on augmented images).
+    ``start_epoch=30`` is the code's value (the paper does not state one). With an iteration-based
     trainer set ``total_epochs`` to the number of sampler epochs of the run, or the λ schedule is meaningless.
     """
 
@@ -216,7 +226,7 @@ class IAA(SynthesisMethod):
         update_every: int = 4,
         estimator_update: EstimatorUpdate = "plain",
         momentum: float = 0.2,
-        apply_neighbor_correction: bool = True,
+        apply_neighbor_correction: bool = False,
         num_neighbors: int = 25,
         beta: float = 0.1,
         gamma: float = 0.1,
@@ -226,6 +236,7 @@ class IAA(SynthesisMethod):
         legacy_cumulative_sqrt: bool = False,
         detach: bool = False,
         normalize: bool = True,
+        estimation_transform: Literal["train", "eval"] = "train",
         seed: int | None = 0,
         embed_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
@@ -234,7 +245,10 @@ class IAA(SynthesisMethod):
             raise ValueError(f"update_every must be ≥ 1, got {update_every}")
         if lam < 0:
             raise ValueError(f"lam must be ≥ 0, got {lam}")
+        if estimation_transform not in ("train", "eval"):
+            raise ValueError(f"estimation_transform must be 'train' or 'eval', got {estimation_transform!r}")
         self.lam = lam
+        self.estimation_transform = estimation_transform
         self.lambda_schedule = lambda_schedule
         self.total_epochs = total_epochs
         self.start_epoch = start_epoch
@@ -255,6 +269,7 @@ class IAA(SynthesisMethod):
         return {
             "estimator_update": "running", "momentum": 0.2, "apply_neighbor_correction": False,
             "legacy_cumulative_sqrt": True, "update_every": 2, "start_epoch": 30, "lambda_schedule": True,
+            "estimation_transform": "train",
         }
 
     @property

@@ -112,6 +112,8 @@ class ClassGaussianEstimator(nn.Module):
       The first pass gives Σ_c = v_c. (The code's momentum argument is 0.2, i.e. w ≥ 0.8.)
 
     Pass statistics are accumulated in float64 so that a streaming pass equals a one-shot estimate.
+    ``apply_neighbor_correction`` is off by default: the paper reserves it for few-sample datasets (SOP,
+    In-shop, VehicleID; methods.md §5.2) and the released code never applies it.
     """
 
     def __init__(
@@ -121,7 +123,7 @@ class ClassGaussianEstimator(nn.Module):
         *,
         update: EstimatorUpdate = "plain",
         momentum: float = 0.2,
-        apply_neighbor_correction: bool = True,
+        apply_neighbor_correction: bool = False,
         num_neighbors: int = 25,
         beta: float = 0.1,
         gamma: float = 0.1,

@@ -66,6 +66,10 @@ class SynthesisRankingRegularizer(SynthesisMethod):
     ``features`` and ``head`` in feature space, which arrive through :meth:`on_step_start` (a
     :class:`~deepmetric.loss_hooks.StepContext`). A ``miner`` restricts the base loss on the real batch. With ``a=0`` and ``lambda_r=0`` the loss equals the base loss exactly. Un-gated
     samples receive no gradient from the regularizer.
+
+    Logs per call: ``sgar_gated_fraction`` (share of the batch that passed the gate), ``sgar_gate_opened`` (1 when
+    at least one sample did), the batch's mean and max own-proxy similarity (``sgar_proxy_sim_mean``/``_max``,
+    when there are proxies), ``sgar_rank`` and ``sgar_anchor``; :meth:`gate_counts` accumulates both over the run.
     """
 
     expects_normalized_embeddings = True
@@ -118,6 +122,23 @@ class SynthesisRankingRegularizer(SynthesisMethod):
         self.needs_head = space == "feature"
         self.rng = RandomSource(seed)
         self.context = StepContext()
+        # Gate counters over every regularizer call since construction (or reset_gate_counts): how often SGAR
+        # acts at all — with a proxy-similarity gate and untrained proxies it may never open. Kept as a tensor so
+        # counting adds no device synchronisation of its own; not module state: they restart with the process.
+        self.reset_gate_counts()
+
+    def reset_gate_counts(self) -> None:
+        """Zero the cumulative gate counters read by :meth:`gate_counts`."""
+        self._gate_counts = torch.zeros(4, dtype=torch.long)  # samples, gated samples, batches, opened batches
+
+    def gate_counts(self) -> dict[str, float]:
+        """Cumulative gate statistics: ``samples``, ``gated_samples``, ``batches``, ``opened_batches`` (a batch
+        is opened when at least one of its samples passes the gate) and the two fractions ``sample_fraction``
+        and ``batch_fraction`` (0 before any call)."""
+        samples, gated, batches, opened = (int(v) for v in self._gate_counts.tolist())
+        return {"samples": samples, "gated_samples": gated, "batches": batches, "opened_batches": opened,
+                "sample_fraction": gated / samples if samples else 0.0,
+                "batch_fraction": opened / batches if batches else 0.0}
 
     def on_step_start(self, context: StepContext) -> None:
         self.context = context
@@ -160,7 +181,15 @@ class SynthesisRankingRegularizer(SynthesisMethod):
         z = l2_normalize(embeddings)
         gate, proxy_sim = self.gate_mask(z, labels)
         idx = gate.nonzero(as_tuple=True)[0]
-        logs: dict[str, Tensor | float] = {"sgar_gated_fraction": gate.float().mean()}
+        gated = gate.sum()
+        opened = (gated > 0).long()
+        step_counts = torch.stack([gated.new_tensor(gate.numel()), gated, gated.new_tensor(1), opened])
+        if self._gate_counts.device != step_counts.device:
+            self._gate_counts = self._gate_counts.to(step_counts.device)
+        self._gate_counts += step_counts
+        logs: dict[str, Tensor | float] = {"sgar_gated_fraction": gate.float().mean(), "sgar_gate_opened": opened}
+        if proxy_sim is not None:  # where the samples sit relative to tau_g
+            logs.update(sgar_proxy_sim_mean=proxy_sim.mean(), sgar_proxy_sim_max=proxy_sim.max())
         if idx.numel() == 0:
             return z.new_zeros(()), logs
         if self.space == "feature":

@@ -14,6 +14,7 @@ from torch import nn
 # the data and model sections are built by their own layers; re-exported for callers of the old import path
 from deepmetric.data.bundle import DataBundle, build_data, build_transform, dataset_labels  # noqa: F401
 from deepmetric.models.factory import build_model  # noqa: F401
+from deepmetric.models.timm_backbone import layer_decay_groups
 from deepmetric.training.config import ConfigError, OptimizerConfig, SchedulerConfig
 from deepmetric.training.criterion import Criterion
 from deepmetric.training.proxy_lr import check_proxy_steps
@@ -31,10 +32,17 @@ def parameter_groups(model: nn.Module, criterion: Criterion, cfg: OptimizerConfi
     backbone = [p for p in model.backbone.parameters()] if hasattr(model, "backbone") else []
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in model.parameters() if id(p) not in backbone_ids]
+    backbone_groups = [{"name": "backbone", "params": backbone, "lr_multiplier": cfg.backbone_lr_multiplier}]
+    if cfg.layer_decay != 1.0 and backbone:  # one group per ViT block, lr decaying from the last block down
+        backbone_groups = layer_decay_groups(model.backbone, cfg.backbone_lr_multiplier, cfg.layer_decay)
+    loss_groups = criterion.parameter_groups(cfg.loss_lr_multiplier)
+    if cfg.loss_weight_decay is not None:  # e.g. margin β without weight decay (DAS, Reality Check)
+        for g in loss_groups:
+            g["weight_decay"] = cfg.loss_weight_decay
     groups = [
-        {"name": "backbone", "params": backbone, "lr_multiplier": cfg.backbone_lr_multiplier},
+        *backbone_groups,
         {"name": "head", "params": head, "lr_multiplier": cfg.head_lr_multiplier},
-        *criterion.parameter_groups(cfg.loss_lr_multiplier),
+        *loss_groups,
     ]
     groups = [g for g in groups if g["params"]]
     for g in groups:

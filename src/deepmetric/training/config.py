@@ -96,8 +96,11 @@ class OptimizerConfig:
     momentum: float = field(default=0.9, metadata={"min": 0.0})  # sgd / rmsprop
     backbone_lr_multiplier: float = field(default=1.0, metadata={"min": 0.0})
     head_lr_multiplier: float = field(default=1.0, metadata={"min": 0.0})
+    layer_decay: float = field(default=1.0, metadata={"above": 0.0, "max": 1.0})  # ViT layer-wise lr decay; 1 = off
     # loss parameters (proxies, margins) use the loss's own recommended multiplier unless set here
     loss_lr_multiplier: float | None = field(default=None, metadata={"min": 0.0})
+    # weight decay of the loss parameters (margin β, proxies, MDR levels); null = optimizer.weight_decay
+    loss_weight_decay: float | None = field(default=None, metadata={"min": 0.0})
     grad_clip_value: float | None = field(default=None, metadata={"min": 0.0})
     grad_clip_norm: float | None = field(default=None, metadata={"min": 0.0})
 
@@ -259,9 +262,13 @@ def _check_fields(section: Any, where: str, source: str) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{source}: config key '{dotted}' must be a finite number, got {value!r}")
-        low, below = f.metadata.get("min"), f.metadata.get("below")
+        low, above, high, below = (f.metadata.get(k) for k in ("min", "above", "max", "below"))
         if low is not None and value < low:
             raise ConfigError(f"{source}: config key '{dotted}' must be >= {low}, got {value!r}")
+        if above is not None and value <= above:
+            raise ConfigError(f"{source}: config key '{dotted}' must be > {above}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"{source}: config key '{dotted}' must be <= {high}, got {value!r}")
         if below is not None and value >= below:
             raise ConfigError(f"{source}: config key '{dotted}' must be < {below}, got {value!r}")
 

@@ -59,6 +59,17 @@ class Criterion(nn.Module):
         """Whether some module needs the pooled backbone features in its step context."""
         return any(hook.needs_features for hook in self._hooks())
 
+    @property
+    def estimation_transform(self) -> str:
+        """Transform of the epoch-start pass over the training set: ``"train"`` if some module asks for the
+        training augmentation (IAA as released), else ``"eval"``."""
+        wanted = {hook.estimation_transform for hook in self._hooks()}
+        return "train" if "train" in wanted else "eval"
+
+    def estimation_dataset(self, train: Any, train_eval: Any | None) -> Any:
+        """The training split under :attr:`estimation_transform` (``train_eval`` carries the eval transform)."""
+        return train if self.estimation_transform == "train" or train_eval is None else train_eval
+
     def on_epoch_start(self, epoch: int, model: nn.Module | None = None, loader: Iterable[Any] | None = None) -> None:
         """Before every 0-based sampler ``epoch`` (IAA re-estimates its class statistics here)."""
         for hook in self._hooks():

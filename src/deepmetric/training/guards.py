@@ -4,15 +4,18 @@ A diverged run (a too-large learning rate, an fp16 overflow in the weights) need
 the weights are NaN every similarity comparison is false, a mining loss finds nothing to mine and reports 0.0.
 So the parameters, buffers and gradients are checked too, with one device synchronisation per check; only on
 failure are the tensors searched for a name. A collapsed run is finite but useless: every image gets (nearly) the
-same embedding and retrieval is at chance; :func:`embedding_spread` measures it on the training batch.
+same embedding and retrieval is at chance; :func:`embedding_spread` measures it on the training batch, and
+:func:`chance_levels` / :func:`chance_warning` compare a validation evaluation with what a random ranking of the
+same split would score.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +63,70 @@ def collapse_message(step: int, spread: float, lr: float) -> str:
     return (f"WARNING: embeddings collapsed at step {step}: the batch's embeddings are nearly identical (spread "
             f"{spread:.2e}, about 1 when healthy), so retrieval will be at chance. The learning rate "
             f"(optimizer.lr={lr:g}) is probably too high.")
+
+
+#: a validation evaluation is "at chance" when recall@1 is below chance + max(this, 3 standard errors)
+CHANCE_MARGIN = 0.01
+#: ... and it is only judged once this fraction of the run has been trained (an early model may still be near it)
+CHANCE_AFTER_FRACTION = 0.25
+CHANCE_WARNING = "WARNING: validation metrics at chance level"
+
+
+def chance_levels(query_labels: Sequence[int] | np.ndarray, gallery_labels: Sequence[int] | np.ndarray | None = None,
+                  recall_at: Sequence[int] = (1,)) -> dict[str, float]:
+    """Expected metric values of a uniformly random ranking, averaged over the queries with R_q > 0.
+
+    With M candidates (N − 1 in self-retrieval, the gallery size otherwise) of which R = R_q are relevant:
+    E[Recall@K] = 1 − C(M − R, K) / C(M, K) (at least one relevant item among K drawn without replacement),
+    E[Precision@1] = E[R-Precision] = R / M, and, from E[rel(i)·rel(j)] = R(R − 1) / (M(M − 1)) for i ≠ j,
+    E[MAP@R] = H_R / M + (R − 1)(R − H_R) / (M(M − 1)) with H_R the R-th harmonic number. Computed per class,
+    so it costs O(classes · max R) whatever the split size."""
+    query = np.asarray(query_labels, dtype=np.int64)
+    gallery = query if gallery_labels is None else np.asarray(gallery_labels, dtype=np.int64)
+    classes, queries_per_class = np.unique(query, return_counts=True)
+    gallery_classes, gallery_counts = np.unique(gallery, return_counts=True)
+    in_gallery = dict(zip(gallery_classes.tolist(), gallery_counts.tolist()))
+    relevant = np.array([in_gallery.get(c, 0) for c in classes.tolist()], dtype=np.float64)
+    candidates = float(len(gallery) - (1 if gallery_labels is None else 0))
+    if gallery_labels is None:
+        relevant -= 1.0
+    keep = relevant > 0
+    weights, r = queries_per_class[keep].astype(np.float64), relevant[keep]
+    if not len(r) or candidates < 1:
+        return {}
+    m = candidates
+    harmonic = np.array([np.sum(1.0 / np.arange(1, int(n) + 1)) for n in r])
+    pair = (r - 1) * (r - harmonic) / (m * (m - 1)) if m > 1 else np.zeros_like(r)
+    per_class = {"precision@1": r / m, "r_precision": r / m, "map@r": harmonic / m + pair}
+    for k in sorted({int(k) for k in recall_at if 1 <= int(k) <= m}):
+        # log C(M − R, K) − log C(M, K) with lgamma; no relevant-free K-subset exists when M − R < K
+        free = m - r
+        log_miss = np.array([math.lgamma(f + 1) - math.lgamma(f - k + 1) - math.lgamma(m + 1) + math.lgamma(m - k + 1)
+                             if f >= k else -math.inf for f in free])
+        per_class[f"recall@{k}"] = 1.0 - np.exp(log_miss)
+    return {name: float(np.average(v, weights=weights)) for name, v in per_class.items()}
+
+
+def chance_warning(split: str, metrics: Mapping[str, float], chance: Mapping[str, float], step: int) -> str | None:
+    """A loud message when the split's recall@1 (precision@1 if absent) is within max(:data:`CHANCE_MARGIN`,
+    3 standard errors) of its chance level, else None.
+
+    Recall@1 is the judge because it stays at chance under every tie order: a collapsed model ties every
+    candidate, and the stable order (gallery index) can lift MAP@R of the first class well above chance.
+    The standard error uses the Bernoulli bound √(c(1 − c)/n), which holds for any [0, 1]-valued metric with
+    mean c over n independent queries."""
+    key = next((k for k in ("recall@1", "precision@1") if k in metrics and k in chance), None)
+    if key is None:
+        return None
+    level, value = chance[key], float(metrics[key])
+    n = max(int(metrics.get("n_queries", 0)) - int(metrics.get("n_queries_without_relevant", 0)), 1)
+    margin = max(CHANCE_MARGIN, 3.0 * math.sqrt(level * (1.0 - level) / n))
+    if not value <= level + margin:
+        return None
+    shown = ", ".join(f"{k} {100 * float(metrics[k]):.2f} % (chance {100 * chance[k]:.2f} %)"
+                      for k in ("recall@1", "map@r") if k in metrics and k in chance)
+    return (f"{CHANCE_WARNING} on the {split} split at step {step}: {shown}. The embeddings carry no class "
+            "information (collapsed, or not learning): check optimizer.lr, the loss and the data labels.")
 
 
 class DivergenceGuard:

@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepmetric.config_errors import ConfigError
-from deepmetric.data.bundle import DataBundle
+from deepmetric.data.bundle import DataBundle, dataset_labels
 from deepmetric.evaluation import evaluate
 from deepmetric.training.checkpoint import save_atomic
 from deepmetric.training.config import ExperimentConfig
 from deepmetric.training.distributed import DistributedContext, embed_dataset_distributed
+from deepmetric.training.guards import CHANCE_AFTER_FRACTION, CHANCE_WARNING, chance_levels, chance_warning
 from deepmetric.training.progress import is_terminal
 
 
@@ -63,6 +64,29 @@ class SplitEvaluator:
             self._save({f"{split}_embeddings": embeddings, f"{split}_labels": labels})
         recall_at = tuple(k for k in ec.recall_at if k < len(labels)) or (1,)
         return evaluate(embeddings, labels, recall_at=recall_at, **kwargs)
+
+    def chance_warning(self, split: str, metrics: dict[str, float], step: int, iterations: int) -> str | None:
+        """A warning when ``metrics`` of ``split`` sit at the chance level of a random ranking of that split
+        (:func:`~deepmetric.training.guards.chance_warning`), judged once a quarter of the run has trained."""
+        if step < CHANCE_AFTER_FRACTION * iterations:
+            return None
+        if split == "test" and self.data.query is not None:
+            query, gallery = dataset_labels(self.data.query), dataset_labels(self.data.gallery)
+            chance = chance_levels(query.numpy(), gallery.numpy())
+        else:
+            dataset = {"validation": self.data.validation, "test": self.data.test}[split]
+            if dataset is None:
+                return None
+            chance = chance_levels(dataset_labels(dataset).numpy())
+        return chance_warning(split, metrics, chance, step)
+
+    def warn_at_chance(self, split: str, metrics: dict[str, float], step: int, iterations: int,
+                       warnings: list[str]) -> None:
+        """Print :meth:`chance_warning` loudly and append it to the run's ``warnings`` (results.json), once."""
+        message = self.chance_warning(split, metrics, step, iterations)
+        if message and not any(w.startswith(CHANCE_WARNING) for w in warnings):
+            warnings.append(message)
+            print(message, flush=True)
 
     def _embed(self, dataset: Dataset | None, split: str) -> tuple[Any, Any]:
         # bars only on a terminal: in a log file their redraws are kilobytes of carriage returns

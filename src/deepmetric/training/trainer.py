@@ -25,7 +25,7 @@ from deepmetric.config_errors import ConfigError
 from deepmetric.data.bundle import DataBundle, build_data, dataset_labels
 from deepmetric.data.samplers import MPerClassBatchSampler, RandomBatchSampler, build_sampler
 from deepmetric.models.factory import build_model
-from deepmetric.training import guards
+from deepmetric.training import guards, verification_threshold
 from deepmetric.training.builders import build_optimizer, build_scheduler
 from deepmetric.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from deepmetric.training.config import (
@@ -221,6 +221,7 @@ class Trainer:
         if metrics is not None:  # rank 0
             stop = self.selection.update(metrics, self.step, split, self.model)
             self.logger.log({"step": self.step, "split": split, **metrics})
+            self.evaluator.warn_at_chance(split, metrics, self.step, self.iterations, self.warnings)
             if progress is not None:
                 key = self.selection.metric
                 progress.note(f"{split} at step {self.step}: {key} {100 * metrics[key]:.2f} "
@@ -298,7 +299,7 @@ class Trainer:
         self.criterion.on_epoch_start(epoch, self.model, self._estimation_loader())
 
     def _estimation_loader(self) -> DataLoader:
-        dataset = self.data.train_eval or self.data.train
+        dataset = self.criterion.estimation_dataset(self.data.train, self.data.train_eval)
         return DataLoader(dataset, batch_size=self.config.data.eval_batch_size, shuffle=False,
                           num_workers=self.config.data.num_workers)
 
@@ -373,6 +374,7 @@ class Trainer:
             after["test"] = metrics
             self.logger.log({"step": self.step, "split": "test", "phase": "after",
                              "selected_step": self.best["step"], **metrics})
+        verification_threshold.save_verification_threshold(self.evaluator, self.best["step"])  # verification.json
         seconds = self.seconds_before + time.perf_counter() - self._segment_start
         result = TrainResult(run_dir=self.run_dir, before=self.before, after=after, best_step=self.best["step"],
                              steps=self.step, seconds=seconds, warnings=list(self.warnings))

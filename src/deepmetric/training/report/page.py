@@ -7,22 +7,35 @@ archived or opened offline. Sections (stable ``id``s, used by tests and links):
 * ``metrics``         — test metrics before/after training, the selected step and the protocol (a legacy run,
   which selected on the *test* split, gets a loud warning);
 * ``config``          — the resolved ``config.yaml`` and the paper's reported numbers, if the recipe has them;
-* ``retrieval``       — sample queries and the worst queries with their top-8 neighbours (green = same class,
-  red = wrong class), images taken from the dataset rebuilt from the config; neighbours and ranks come from one
-  exact search (:func:`deepmetric.evaluation.retrieve`);
-* ``embedding-map``   — a 2-D PCA projection of the test embeddings, ~20 classes coloured.
+* ``retrieval``       — sample queries and the worst queries (among all queries) with their top-8 neighbours
+  (green = same class, red = wrong class), images taken from the dataset rebuilt from the config; neighbours,
+  ranks and the per-category table of ``metrics`` come from one exact search of every query
+  (:func:`deepmetric.evaluation.retrieve`);
+* ``embedding-map``   — a 2-D PCA projection of the test embeddings, 20 classes in distinct colours; classes
+  named by a glyph (KanjiGlyphs) show the glyph's image in the legend, so no CJK font is needed to read it.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from deepmetric.evaluation import RetrievalResults
+from deepmetric.training.report.categories import category_table, item_categories
 from deepmetric.training.report.charts import PALETTE, svg_scatter
-from deepmetric.training.report.retrieval import class_name, class_names_of, image_sources, retrieval_section
+from deepmetric.training.report.retrieval import (
+    ClassNames,
+    ImageSource,
+    class_name,
+    class_names_of,
+    image_sources,
+    names_are_glyphs,
+    report_results,
+    retrieval_section,
+    visible_name,
+)
 from deepmetric.training.report.sections import config_section, curves_section, metrics_section, pct, section
 from deepmetric.training.run_artifacts import RunArtifacts, load_run
 
@@ -50,7 +63,21 @@ def pca_2d(x: np.ndarray, fit_rows: int = 5000, seed: int = 0) -> tuple[np.ndarr
     return (x - mean) @ comps.T, np.pad(ratio, (0, 2 - len(ratio)))
 
 
-def _embedding_map_section(run: RunArtifacts, names: Sequence[str] | None) -> str:
+def _legend_glyphs(source: ImageSource | None, labels: np.ndarray, chosen: np.ndarray,
+                   names: ClassNames | None) -> list[str | None] | None:
+    """One small image per chosen class (its first item) when the class names are glyphs, else None."""
+    if source is None or not names_are_glyphs(names):
+        return None
+    images: list[str | None] = []
+    for c in chosen:
+        try:
+            images.append(source.png(int(np.flatnonzero(labels == c)[0]), size=32))
+        except Exception:  # noqa: BLE001  (an unreadable item loses its legend image, not the page)
+            images.append(None)
+    return images
+
+
+def _embedding_map_section(run: RunArtifacts, names: ClassNames | None, source: ImageSource | None) -> str:
     emb = run.embeddings
     if emb is None:
         return section("embedding-map", "Embedding map", '<p class="note">No saved test embeddings.</p>')
@@ -67,10 +94,13 @@ def _embedding_map_section(run: RunArtifacts, names: Sequence[str] | None) -> st
         keep = np.sort(np.random.default_rng(0).choice(keep, cap, replace=False))
     colour_of = {int(c): PALETTE[i % len(PALETTE)] for i, c in enumerate(chosen)}
     colours = [colour_of[int(y[i])] for i in keep]
-    legend = [(f"class {class_name(int(c), names)}", colour_of[int(c)]) for c in chosen]
+    legend = [(f"class {visible_name(int(c), names)}", colour_of[int(c)]) for c in chosen]
+    # the legend images are taken from the query split, whose rows are the first len(query) map rows
+    glyphs = _legend_glyphs(source, emb.query_labels, chosen, names)
     svg = svg_scatter(proj[keep], colours, title=f"PCA of the L2-normalised test embeddings "
                       f"(PC1 {100 * ratio[0]:.1f} %, PC2 {100 * ratio[1]:.1f} % of variance)",
-                      legend=legend, width=760, height=520)
+                      legend=legend, width=760, height=520, legend_images=glyphs,
+                      legend_titles=[f"class {class_name(int(c), names)}" for c in chosen])
     text = (f"<p>{len(keep)} points of {len(chosen)} of {len(classes)} test classes (the most populated), projected "
             "with PCA fitted on all test embeddings. PCA is linear: well-separated clusters here are well separated "
             "in the embedding, but overlapping ones may still be separable in more dimensions.</p>")
@@ -80,7 +110,9 @@ def _embedding_map_section(run: RunArtifacts, names: Sequence[str] | None) -> st
 CSS = """
 :root { --ok: #16a34a; --bad: #dc2626; --ink: #111827; --muted: #6b7280; --line: #e5e7eb; }
 * { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: var(--ink);
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, "Noto Sans CJK JP",
+       "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic", "WenQuanYi Zen Hei",
+       "Droid Sans Fallback", "Hiragino Sans", "Yu Gothic", "Meiryo", sans-serif; color: var(--ink);
        margin: 0; background: #f3f4f6; }
 header { background: #111827; color: #fff; padding: 18px 28px; }
 header h1 { margin: 0 0 4px; font-size: 22px; }
@@ -133,6 +165,16 @@ footer { color: var(--muted); font-size: 12px; padding: 0 28px 24px; }
 """
 
 
+def _categories(run: RunArtifacts, source: ImageSource | None, results: RetrievalResults | None) -> str:
+    """The per-category table when the query split's items carry categories (SOP super-classes)."""
+    if source is None or results is None:
+        return ""
+    found = item_categories(source.dataset)
+    if found is None or len(found[0]) != results.n_queries:
+        return ""
+    return category_table(results, found[0], found[1], run.config.evaluation.recall_at)
+
+
 def render_report(run: RunArtifacts) -> str:
     """The full HTML page of ``run`` as a string."""
     cfg = run.config
@@ -141,8 +183,10 @@ def render_report(run: RunArtifacts) -> str:
     protocol = run.results.get("protocol", cfg.train.protocol)
     nav = "".join(f'<a href="#{sid}">{sid.replace("-", " ")}</a>' for sid in SECTION_IDS)
     qsrc, gsrc, note = image_sources(run) if run.embeddings is not None else (None, None, "")
-    sections = [curves_section(run), metrics_section(run), config_section(run),
-                retrieval_section(run, qsrc, gsrc, note), _embedding_map_section(run, class_names_of(qsrc))]
+    results = report_results(run)  # one search of every query, read by the metrics and retrieval sections
+    names = class_names_of(qsrc)
+    sections = [curves_section(run), metrics_section(run, _categories(run, qsrc, results)), config_section(run),
+                retrieval_section(run, qsrc, gsrc, note, results), _embedding_map_section(run, names, qsrc)]
     legacy_tag = ' · <strong style="color:#fca5a5">LEGACY (test-selected)</strong>' if protocol == "legacy" else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,22 +16,35 @@ from deepmetric.evaluation import RetrievalResults, retrieve
 from deepmetric.training.report.sections import section
 from deepmetric.training.run_artifacts import EvalEmbeddings, RunArtifacts
 
+ClassNames = Mapping[int, str]  # printable class name by label
+
 NEIGHBOURS = 8
 SAMPLE_QUERIES = 8
 WORST_QUERIES = 8
-# worst-query search scores at most this many queries (all of SOP against itself would take minutes)
-MAX_SCORED_QUERIES = 5000
 THUMB = 72  # thumbnail edge in pixels
+# per-query values kept for the per-category table (recall@K comes from the exact first-relevant ranks)
+REPORT_LIST_METRICS = ("precision@1", "r_precision", "map@r")
 
 
-def retrieval_results(emb: EvalEmbeddings, queries: np.ndarray, k: int = NEIGHBOURS,
-                      chunk_size: int | None = None) -> RetrievalResults:
-    """Cosine top-``k`` lists of the given query rows (own item excluded in self-retrieval, stable ties) with
-    exact first-relevant ranks over the whole gallery."""
+def retrieval_results(emb: EvalEmbeddings, queries: np.ndarray | None = None, k: int = NEIGHBOURS,
+                      chunk_size: int | None = None, distance: str = "cosine",
+                      list_metrics: Sequence[str] = ()) -> RetrievalResults:
+    """Top-``k`` lists of the given query rows (default: every query; own item excluded in self-retrieval,
+    stable ties) with exact first-relevant ranks over the whole gallery."""
     n_candidates = len(emb.query) - 1 if emb.gallery is None else len(emb.gallery)
+    rows = None if queries is None else np.asarray(queries, dtype=np.int64)
     return retrieve(emb.query, emb.query_labels, emb.gallery, emb.gallery_labels, k=min(k, n_candidates),
-                    queries=np.asarray(queries, dtype=np.int64), rank_depth=n_candidates, list_metrics=(),
-                    chunk_size=chunk_size)
+                    queries=rows, rank_depth=n_candidates, list_metrics=tuple(list_metrics),
+                    chunk_size=chunk_size, distance=distance)
+
+
+def report_results(run: RunArtifacts) -> RetrievalResults | None:
+    """One exact search of *every* test query (the retrieval grids, the worst-query list and the per-category
+    table all read it), with the run's distance; None without saved embeddings."""
+    if run.embeddings is None:
+        return None
+    return retrieval_results(run.embeddings, distance=run.config.evaluation.distance,
+                             list_metrics=REPORT_LIST_METRICS)
 
 
 @dataclass
@@ -58,9 +71,8 @@ def first_relevant_rank(emb: EvalEmbeddings, queries: np.ndarray, chunk: int = 5
     return np.where(res.n_relevant.cpu().numpy() > 0, ranks, -1)
 
 
-def sample_queries(emb: EvalEmbeddings, n_sample: int = SAMPLE_QUERIES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(queries spread over distinct classes, the up to :data:`MAX_SCORED_QUERIES` sorted queries scored for the
-    worst list), both deterministic given ``seed``."""
+def sample_queries(emb: EvalEmbeddings, n_sample: int = SAMPLE_QUERIES, seed: int = 0) -> np.ndarray:
+    """Queries spread over distinct classes (the first of each class in a seeded permutation), deterministic."""
     perm = np.random.default_rng(seed).permutation(len(emb.query))
     seen: set[int] = set()
     sample: list[int] = []
@@ -71,7 +83,7 @@ def sample_queries(emb: EvalEmbeddings, n_sample: int = SAMPLE_QUERIES, seed: in
             sample.append(int(i))
         if len(sample) == n_sample:
             break
-    return np.asarray(sample, dtype=np.int64), np.sort(perm[:MAX_SCORED_QUERIES])
+    return np.asarray(sample, dtype=np.int64)
 
 
 def worst_rows(results: RetrievalResults, n_worst: int = WORST_QUERIES) -> np.ndarray:
@@ -84,11 +96,12 @@ def worst_rows(results: RetrievalResults, n_worst: int = WORST_QUERIES) -> np.nd
 
 def choose_queries(emb: EvalEmbeddings, n_sample: int = SAMPLE_QUERIES, n_worst: int = WORST_QUERIES,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample queries, worst queries, their first-relevant ranks) — see :func:`sample_queries`, :func:`worst_rows`."""
-    sample, scored = sample_queries(emb, n_sample, seed)
-    res = retrieval_results(emb, scored, k=1)
+    """(sample queries, worst queries among all queries, their first-relevant ranks) — see :func:`sample_queries`,
+    :func:`worst_rows`."""
+    res = retrieval_results(emb, k=1)
     rows = worst_rows(res, n_worst)
-    return sample, scored[rows], res.first_relevant_rank.cpu().numpy()[rows]
+    return sample_queries(emb, n_sample, seed), res.query_ids.cpu().numpy()[rows], \
+        res.first_relevant_rank.cpu().numpy()[rows]
 
 
 # ------------------------------------------------------------------------------------------- images --------
@@ -102,7 +115,8 @@ class ImageSource:
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
-    def png(self, index: int) -> str:
+    def png(self, index: int, size: int = THUMB) -> str:
+        """The item as a base64 PNG about ``size`` pixels on its longer edge."""
         from PIL import Image
 
         ds = self.dataset
@@ -118,11 +132,11 @@ class ImageSource:
             tensor = ds[index][0]
             img = Image.fromarray(_to_uint8(np.asarray(tensor)))
         img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
-        if max(img.size) > THUMB:
-            img.thumbnail((THUMB, THUMB), Image.BILINEAR)  # photos: smooth reduction
-        elif max(img.size) < THUMB:
+        if max(img.size) > size:
+            img.thumbnail((size, size), Image.BILINEAR)  # photos: smooth reduction
+        elif max(img.size) < size:
             # tiny glyphs: integer nearest-neighbour upscaling keeps strokes crisp
-            scale = max(1, THUMB // max(img.size))
+            scale = max(1, size // max(img.size))
             img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
         buf = io.BytesIO()
         img.save(buf, format="PNG", optimize=True)
@@ -176,7 +190,7 @@ def image_sources(run: RunArtifacts) -> tuple[ImageSource | None, ImageSource | 
 
 
 def _tile(source: ImageSource | None, index: int, label: int, css: str, caption: str,
-          class_names: Sequence[str] | None) -> str:
+          class_names: ClassNames | None) -> str:
     name = class_name(label, class_names)
     title = html.escape(f"#{index} · class {name}")
     img = '<div class="noimg">?</div>'
@@ -189,21 +203,33 @@ def _tile(source: ImageSource | None, index: int, label: int, css: str, caption:
             "</figure>")
 
 
-def class_name(label: int, class_names: Sequence[str] | None) -> str:
-    if class_names is not None and 0 <= label < len(class_names):
+def class_name(label: int, class_names: ClassNames | None) -> str:
+    if class_names is not None and label in class_names:
         return f"{label} {class_names[label]}"
     return str(label)
 
 
+def names_are_glyphs(class_names: ClassNames | None) -> bool:
+    """True when every class name is one CJK character (KanjiGlyphs): the page then shows the glyph's image,
+    not its text, since a viewer without a CJK font would draw an empty box ("tofu")."""
+    return bool(class_names) and all(len(n) == 1 and ord(n) >= 0x2E80 for n in class_names.values())
+
+
+def visible_name(label: int, class_names: ClassNames | None) -> str:
+    """The class as drawn on the page: the label id alone for glyph names (their image is shown instead)."""
+    return str(label) if names_are_glyphs(class_names) else class_name(label, class_names)
+
+
 def _retrieval_rows(results: RetrievalResults, qsrc: ImageSource | None, gsrc: ImageSource | None,
-                    extra: Sequence[str], class_names: Sequence[str] | None) -> str:
+                    extra: Sequence[str], class_names: ClassNames | None) -> str:
     nb = neighbours_of(results)
     g_labels = results.gallery_labels.cpu().numpy()
     q_labels = results.query_labels.cpu().numpy()
     rows = []
     for r, qi in enumerate(nb.queries):
         qlabel = int(q_labels[r])
-        tiles = [_tile(qsrc, int(qi), qlabel, "query", f"query · {class_name(qlabel, class_names)}", class_names)]
+        tiles = [_tile(qsrc, int(qi), qlabel, "query", f"query · {visible_name(qlabel, class_names)}",
+                       class_names)]
         for gi, score in zip(nb.index[r], nb.score[r]):
             glabel = int(g_labels[gi])
             ok = glabel == qlabel
@@ -216,40 +242,53 @@ def _retrieval_rows(results: RetrievalResults, qsrc: ImageSource | None, gsrc: I
     return "".join(rows)
 
 
-def retrieval_section(run: RunArtifacts, qsrc: ImageSource | None, gsrc: ImageSource | None, note: str) -> str:
+def retrieval_section(run: RunArtifacts, qsrc: ImageSource | None, gsrc: ImageSource | None, note: str,
+                      results: RetrievalResults | None = None) -> str:
+    """Sample and worst queries from ``results``, the search of every query (:func:`report_results`)."""
     emb = run.embeddings
     if emb is None:
         return section("retrieval", "Retrieval examples",
                        '<p class="note">No saved test embeddings (test_embeddings.npy or query_/gallery_embeddings'
                        ".npy) in the run directory.</p>")
+    results = results if results is not None else report_results(run)
+    if results is None or results.n_queries != len(emb.query):
+        raise ValueError("retrieval_section needs the search of every query (report_results)")
     class_names = class_names_of(qsrc)
-    sample, scored = sample_queries(emb, seed=run.config.train.seed)
-    # one search for both lists: the scored queries and the samples (which may lie outside the scored set)
-    searched = np.union1d(scored, sample)
-    results = retrieval_results(emb, searched)
-    worst = worst_rows(results.subset(np.searchsorted(searched, scored)))
-    worst_rows_in_searched = np.searchsorted(searched, scored[worst])
-    worst_ranks = results.first_relevant_rank.cpu().numpy()[worst_rows_in_searched]
+    sample = sample_queries(emb, seed=run.config.train.seed)  # result row i is query i: every query was searched
+    worst = worst_rows(results)
+    worst_ranks = results.first_relevant_rank.cpu().numpy()[worst]
+    n_without = int((results.n_relevant == 0).sum())
     mode = ("self-retrieval: each test item queries all other test items" if emb.self_retrieval
             else "query split searched against the gallery split")
-    body = [(f'<p>Top-{NEIGHBOURS} cosine neighbours ({mode}). Border: <span class="key hit">same class</span> '
-             '<span class="key miss">different class</span>; caption = similarity · label.</p>')]
+    body = [(f'<p>Top-{NEIGHBOURS} neighbours by {html.escape(results.distance)} similarity ({mode}). Border: '
+             '<span class="key hit">same class</span> <span class="key miss">different class</span>; caption = '
+             'similarity · label.</p>')]
     if note:
         body.append(f'<p class="note">{html.escape(note)}</p>')
     body.append(f"<h3>Sample queries ({len(sample)} distinct classes)</h3>")
-    body.append(_retrieval_rows(results.subset(np.searchsorted(searched, sample)), qsrc, gsrc, (), class_names))
-    body.append(f"<h3>Worst queries (largest rank of the first correct neighbour, among {len(scored)} queries)</h3>")
-    body.append(_retrieval_rows(results.subset(worst_rows_in_searched), qsrc, gsrc,
+    body.append(_retrieval_rows(results.subset(sample), qsrc, gsrc, (), class_names))
+    scope = f"all {results.n_queries:,} test queries" + (
+        f" ({n_without:,} without any same-class gallery item left out)" if n_without else "")
+    body.append(f"<h3>Worst queries (largest rank of the first correct neighbour, among {scope})</h3>")
+    body.append(_retrieval_rows(results.subset(worst), qsrc, gsrc,
                                 [f"first correct at rank {int(r) + 1}" for r in worst_ranks], class_names))
     return section("retrieval", "Retrieval examples", "".join(body))
 
 
-def class_names_of(source: ImageSource | None) -> Sequence[str] | None:
-    """Printable class names by label, when the dataset has them and they are short (glyphs, folder names)."""
+def class_names_of(source: ImageSource | None) -> dict[int, str] | None:
+    """Printable class names by label, when the dataset has them and they are short (glyphs, folder names).
+
+    KanjiGlyphs lists the names of its split's classes beside their global ``class_ids`` (the labels); a
+    folder dataset names every label, also through the :class:`LabelledSubset` of its test split."""
     if source is None:
         return None
-    names = getattr(source.dataset, "classes", None) or getattr(source.dataset, "class_names", None)
-    if names is None:
+    ds = source.dataset
+    ids = getattr(ds, "class_ids", None)
+    names = getattr(ds, "classes", None) or getattr(ds, "class_names", None)
+    if names is None and getattr(ds, "dataset", None) is not None:  # a subset keeps its dataset's labels
+        names = getattr(ds.dataset, "class_names", None) or getattr(ds.dataset, "classes", None)
+    if not names:
         return None
-    names = [str(n) for n in names]
-    return names if all(len(n) <= 24 for n in names) else None
+    labels = [int(i) for i in ids] if ids is not None and len(ids) == len(names) else range(len(names))
+    named = {label: str(n) for label, n in zip(labels, names)}
+    return named if all(len(n) <= 24 for n in named.values()) else None

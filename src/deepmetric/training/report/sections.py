@@ -14,6 +14,16 @@ def section(section_id: str, title: str, body: str) -> str:
     return f'<section id="{section_id}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
+def run_length(run: RunArtifacts) -> int:
+    """The run's length in steps: the steps trained (results.json), else the furthest logged step, else the
+    configured iterations (a run that has not finished)."""
+    steps = run.results.get("steps")
+    if isinstance(steps, int) and steps > 0:
+        return steps
+    logged = [int(r["step"]) for r in run.records if isinstance(r.get("step"), (int, float))]
+    return max([*logged, int(run.config.train.iterations or 0)]) or 1
+
+
 def curves_section(run: RunArtifacts) -> str:
     train = sorted((r for r in run.records if r.get("split") == "train" and "loss" in r), key=lambda r: r["step"])
     protocol = run.results.get("protocol", run.config.train.protocol)
@@ -29,16 +39,18 @@ def curves_section(run: RunArtifacts) -> str:
     metric_series = [Series(k, [r["step"] for r in sel if k in r], [r[k] for r in sel if k in r],
                             PALETTE[(i + 2) % len(PALETTE)], markers=True) for i, k in enumerate(metric_keys)]
     selected = run.results.get("selected_step")
+    steps = (0.0, float(run_length(run)))  # every chart spans the run, never past its end
     charts = [
-        svg_line_chart(loss_series, title="Training loss", x_label="step", y_label="loss"),
+        svg_line_chart(loss_series, title="Training loss", x_label="step", y_label="loss", x_range=steps),
         svg_line_chart(metric_series, title=f"{selection_split.capitalize()} metrics (selection: {key})",
                        x_label="step", y_label="value", marker_x=selected,
-                       marker_label=f"selected step {selected}" if selected is not None else ""),
+                       marker_label=f"selected step {selected}" if selected is not None else "", x_range=steps),
     ]
     lr = [r for r in train if "lr" in r]
     if lr:
         charts.append(svg_line_chart([Series("lr", [r["step"] for r in lr], [r["lr"] for r in lr], PALETTE[4])],
-                                     title="Learning rate (first parameter group)", x_label="step", y_label="lr"))
+                                     title="Learning rate (first parameter group)", x_label="step", y_label="lr",
+                                     x_range=steps))
     note = ""
     if not sel:
         note = (f'<p class="note">No {selection_split} evaluations during training '
@@ -63,7 +75,19 @@ def _metric_order(keys: set[str]) -> list[str]:
     return sorted(keys, key=rank)
 
 
-def metrics_section(run: RunArtifacts) -> str:
+def duration(seconds: Any) -> str:
+    """``3725.4`` → ``1 h 02 min 05 s (3,725 s)``; "–" when unknown."""
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    hours, rest = divmod(round(float(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min {secs:02d} s ({float(seconds):,.0f} s)"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{float(seconds):.1f} s"
+
+
+def metrics_section(run: RunArtifacts, extra: str = "") -> str:
+    """Before/after test metrics, the protocol and the run's facts; ``extra`` (HTML) is appended."""
     res = run.results
     before = res.get("before", {}).get("test", {})
     after = res.get("after", {}).get("test", {})
@@ -100,7 +124,8 @@ def metrics_section(run: RunArtifacts) -> str:
         ("selection metric", f"{sel_key} = {pct(selection.get('metric'))} %" if selection.get("metric") is not None
          else sel_key),
         ("steps trained", res.get("steps", "–")),
-        ("wall time (s)", res.get("seconds", "–")),
+        # results.json "seconds" sums every segment of a resumed run (the trainer carries it in the checkpoint)
+        ("wall time, all segments", duration(res.get("seconds"))),
     ]
     emb = run.embeddings
     if emb is not None:
@@ -109,7 +134,8 @@ def metrics_section(run: RunArtifacts) -> str:
         facts.append(("evaluation", mode))
     fact_html = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     return section("metrics", "Metrics",
-                    banner + '<div class="two-col">' + table + f'<table class="facts">{fact_html}</table></div>')
+                    banner + '<div class="two-col">' + table + f'<table class="facts">{fact_html}</table></div>'
+                    + extra)
 
 
 def config_section(run: RunArtifacts) -> str:

@@ -19,7 +19,7 @@ MAX_LINES = 400
 
 # lowest first; the key is the first name below ``deepmetric`` ("" = the package's own __init__)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "functional", "random_source", "loss_hooks", "config_errors"),
+    ("", "atomic_files", "functional", "random_source", "loss_hooks", "config_errors"),
     ("data", "models"),
     ("losses",),
     ("miners",),  # miners return the losses' MinedPairs/MinedTriplets and share MS's pair selection

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmetric.atomic_files import write_text_atomic
 from deepmetric.evaluation.faiss_backend import build_faiss_index, import_faiss, overlap_at_k
 from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.retrieval import retrieve
@@ -173,9 +174,7 @@ class SearchIndex:
             import_faiss().write_index(self.faiss_index, str(out / "faiss.index"))
             files.append("faiss.index")
         self.meta["files"] = {name: _sha256(out / name) for name in files}
-        tmp = out / "meta.json.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
-        tmp.replace(out / "meta.json")  # the metadata appears last: a half-written index has none
+        write_text_atomic(json.dumps(self.meta, indent=2) + "\n", out / "meta.json")  # last: a half-written index has none
         return out
 
     @classmethod

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deepmetric.atomic_files import write_text_atomic
 from deepmetric.evaluation.inputs import as_embeddings
 from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.retrieval import prepare, relevant_pairs, retrieve
@@ -195,11 +195,7 @@ def calibrate_on_split(embeddings: Any, labels: Any, target_fmr: float = DEFAULT
 
 def write_threshold(path: str | Path, info: dict[str, Any]) -> Path:
     """Write a calibrated threshold as JSON atomically (a reader never sees a half-written file)."""
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(json.dumps(info, indent=2, sort_keys=True) + "\n", path)
 
 
 def read_threshold(path: str | Path) -> dict[str, Any]:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from deepmetric.atomic_files import write_bytes_atomic
 
 CHECKSUM_SUFFIX = ".sha256"
 
@@ -64,20 +64,6 @@ def first_non_finite(obj: Any) -> str | None:
     return first_non_finite_named(_named_tensors(obj))
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write ``obj`` to ``path`` atomically with its SHA-256 sidecar; refuse non-finite floating-point tensors."""
     path = Path(path)
@@ -89,9 +75,9 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    _write_bytes_atomic(data, path)
+    write_bytes_atomic(data, path)
     digest = hashlib.sha256(data).hexdigest()
-    _write_bytes_atomic(f"{digest}  {path.name}\n".encode(), checksum_path(path))
+    write_bytes_atomic(f"{digest}  {path.name}\n".encode(), checksum_path(path))
 
 
 def _recorded_digest(path: Path) -> str | None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deepmetric.atomic_files import write_text_atomic
 from deepmetric.config_errors import ConfigError
 from deepmetric.data.bundle import DataBundle, build_data, dataset_labels
 from deepmetric.data.samplers import MPerClassBatchSampler, RandomBatchSampler, build_sampler
@@ -396,4 +397,4 @@ class Trainer:
             "after": result.after,
             "warnings": result.warnings,
         }
-        (self.run_dir / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+        write_text_atomic(json.dumps(payload, indent=2, sort_keys=True), self.run_dir / "results.json")

@@ -90,6 +90,7 @@ def _run_gemm(q, ql, g, gl, recall_at):
     import torch
 
     from deepmetric.evaluation import default_chunk_size
+    from deepmetric.evaluation.retrieval import DEFAULT_BLOCK_BYTES
 
     # exactly evaluate's operands: gallery rows padded to a multiple of 64 (an aligned leading dimension makes
     # sgemm markedly faster than n = 60,502) in a fresh torch allocation, queries = its first rows in
@@ -99,7 +100,7 @@ def _run_gemm(q, ql, g, gl, recall_at):
     gt = g_raw.new_zeros(n_pad, g_raw.shape[1])
     gt[: g_raw.shape[0]] = g_raw
     qt = gt[: q.shape[0]] if g is None else torch.from_numpy(q).clone()
-    b = default_chunk_size(qt.shape[0], n_pad, 4, 256 * 2**20)
+    b = default_chunk_size(qt.shape[0], n_pad, 4, DEFAULT_BLOCK_BYTES)
     buf = torch.empty(b, n_pad)
     for start in range(0, qt.shape[0], b):
         block = qt[start : start + b]
@@ -252,8 +253,13 @@ def bench_case(
             runs["gemm"] = {"times": dm["gemm_times_same_process"], "median_s": dm["gemm_median_s"],
                             "peak_extra_mb": float("nan"), "metrics": {}, "note": "same process as deepmetric"}
             a, b, c = (runs[m]["median_s"] for m in ("gemm", "deepmetric", "pml+faiss"))
+            # the same-process runs alternate (evaluate, GEMM), so each pair saw about the same machine load: the
+            # median of the per-pair ratios and the ratio of the fastest runs are less noisy than b/a on a shared VM
+            pairs = [e / g for e, g in zip(dm["times"], dm["gemm_times_same_process"], strict=True)]
             per_threads[str(t)] = {
                 "runs": runs, "ratio_b_over_a": b / a, "ratio_b_over_c": b / c,
+                "ratio_b_over_a_paired_median": statistics.median(pairs), "ratio_b_over_a_paired": pairs,
+                "ratio_b_over_a_fastest": min(dm["times"]) / min(dm["gemm_times_same_process"]),
                 "targets": {"b/a<=1.15": b / a <= 1.15, "b/c<=0.5": b / c <= 0.5,
                             "deepmetric_peak<=1.5GB": runs["deepmetric"]["peak_extra_mb"] <= 1536},
             }
@@ -277,8 +283,9 @@ def print_table(case: dict) -> None:
             shown = {k: round(v, 4) for k, v in res["metrics"].items() if not k.startswith("n_")}
             print(f"{t:>7} {method:<12} {res['median_s']:>9.2f} {len(res['times']):>5} {res['peak_extra_mb']:>9.0f}"
                   f"   {shown}")
-        print(f"{t:>7} b/a = {entry['ratio_b_over_a']:.3f} (target ≤ 1.15)   b/c = {entry['ratio_b_over_c']:.3f} "
-              "(target ≤ 0.5)")
+        print(f"{t:>7} b/a = {entry['ratio_b_over_a']:.3f} (target ≤ 1.15; per-pair median "
+              f"{entry['ratio_b_over_a_paired_median']:.3f}, fastest/fastest {entry['ratio_b_over_a_fastest']:.3f})"
+              f"   b/c = {entry['ratio_b_over_c']:.3f} (target ≤ 0.5)")
         if "profile" in entry["runs"]:
             prof = entry["runs"]["profile"]["metrics"]
             gemm, total = prof["phase_s:gemm_same_process"], prof["phase_s:evaluate"]

@@ -1,11 +1,10 @@
 """Synthesis / regularisation ablation on KanjiGlyphs through the real trainer, several seeds, equal budgets.
 
-    python benchmarks/synthesis_ablation.py                         # all methods, 3 seeds, 400 iterations (the reported run)
+    python benchmarks/synthesis_ablation.py                         # all methods, 3 seeds, 2000 iterations (the reported run)
     python benchmarks/synthesis_ablation.py --small                 # CI-sized smoke run (< 2 min)
     python benchmarks/synthesis_ablation.py --methods ms,ms+iaa --seeds 0,1 --iterations 300
     # parallel invocations (distinct --out), then one table from all of them:
-    python benchmarks/synthesis_ablation.py --methods ms,pa --seeds 0 --out /tmp/a.json
-    python benchmarks/synthesis_ablation.py --methods ms,pa --seeds 0 --merge /tmp/a.runs.jsonl
+    python benchmarks/synthesis_ablation.py --methods ms,pa --seeds 0 --out /tmp/a.json    # then --merge /tmp/a.runs.jsonl
 
 Methods (methods.md §2, §5, §6; every method-specific value is listed in METHODS below and written to the JSON):
 
@@ -17,23 +16,18 @@ Methods (methods.md §2, §5, §6; every method-specific value is listed in METH
                   computes it and never applies it), the code's cumulative √ over copies; raw embeddings,
                   normalised inside. Estimation pass as the code's (``AblationTrainer._estimation_loader``):
                   every training image once, training transforms, model in eval mode, no gradients.
-                  Schedule scaled to the run: the code starts at epoch 30 of 100, i.e. after 30 % of the run ⇒
-                  ``start_epoch = round(0.3·E)`` of the E sampler epochs of this run; re-estimation every
-                  ``--iaa-update-every`` (default 3) sampler epochs (code: every 2 of 100 epochs, paper: 4 — one
-                  epoch is the finest granularity the trainer hook has, and each pass embeds the whole train
-                  split, ~25k images, which is the dominant cost on a CPU; default: passes at epochs 3, 6, 9).
+                  Schedule scaled to the run: start after 30 % of it (code: epoch 30 of 100), re-estimation
+                  every ``--iaa-update-every`` (3) of the 10 sampler epochs (code: every 2 of 100, paper: 4; each
+                  pass embeds the whole train split, the dominant CPU cost): passes at epochs 3, 6, 9.
 * ``ms+das``      MS + DAS with the code's defaults: K = 4 dims, P = 3 copies, scales U[0.5, 2.0), bank Q = 10,
                   s_mts = 0.01, no detach, no auxiliary loss; L2-normalised embeddings.
 * ``mdr``         MDR in its own setting (methods.md §5.1): triplet, margin 0.2 on raw Euclidean distances (mean
                   over triplets) + distance-weighted miner (cutoff 0.5, 1.4 upper cutoff, every positive pair) +
                   MDR regulariser (λ = 0.2, the Cars value — KanjiGlyphs' 32 images/class sits between Cars and
                   SOP, and 0.6 is tuned for CUB; ν = 0.01, levels (−3, 0, 3)), raw embeddings scaled by the mean
-                  batch distance in training. Not MS+MDR: MS works on cosine similarities of L2-normalised
-                  embeddings, so MDR's un-normalised, batch-distance-scaled space would be normalised away by
-                  the loss and the regulariser would act on a space the loss never sees.
-* ``triplet_dws`` MDR's own baseline, "the same minus MDR": the MDR wrapper with λ = ν = 0 (exactly the base
-                  loss, tested in the MDR module), i.e. the same triplet + distance-weighted miner on the same raw,
-                  batch-distance-scaled embeddings, evaluated with the same Euclidean distance.
+                  batch distance in training. Not MS+MDR: MS would normalise MDR's space away.
+* ``triplet_dws`` MDR's own baseline: the MDR wrapper with λ = ν = 0 (exactly the base loss, tested), i.e. the
+                  same triplet + miner on the same raw, batch-distance-scaled space and Euclidean evaluation.
 * ``triplet_dws_l2`` (optional, not in the default list) the paper's ``--l2norm`` baseline: the same triplet +
                   miner on L2-normalised embeddings, cosine evaluation — a different embedding space from ``mdr``.
 * ``pa``          Proxy-Anchor (α 32, δ 0.1), L2-normalised; proxies at lr ×10 = 1e-2, the code's absolute proxy
@@ -44,33 +38,25 @@ Methods (methods.md §2, §5, §6; every method-specific value is listed in METH
                   gate cos(z, w_y) ≥ 0.5, m_r = 0.03, m_a = 0, η = 1, λ_r = 0.5) — methods.md §2.3 [RECON] — on
                   the same training; the JSON records how often the gate opened (``sgar_gate_counts``: every
                   step's share of gated samples and of batches with at least one gated sample).
+* ``pa+sgar_top`` the same SGAR gated by ``top_fraction`` 0.5 (each batch's half closest to its own proxies), a
+                  gate that always opens: what SGAR does when it acts.
 
-Each method is reported against its own baseline (``BASELINES``: same loss, embedding space and evaluation
-distance): ms+iaa and ms+das against ms, mdr against triplet_dws, pa+sgar against pa, as per-seed differences.
+Each method against its own baseline (``BASELINES``: same loss, embedding space and evaluation distance), as
+per-seed differences: ms+iaa and ms+das against ms, mdr against triplet_dws, both SGAR variants against pa.
 
-Equal budget for every method: same iterations, batch size 64 (16 classes × 4 glyph designs, m-per-class
-sampler, for every method but Proxy-Anchor, which uses plain shuffling as its paper does: with 783 classes and 16
-of them per batch its proxies did not train, see configs/kanji_glyphs/proxy_anchor.yaml), backbone (``kanji_cnn``, width 16 by default — width 32 was ~3× slower per step on
-the shared 2-core CPU the reported run used), embedding size 128, optimizer (Adam, lr 1e-3, no weight decay,
-no schedule, no clipping — the quickstart recipe; proxies ×10 for Proxy-Anchor (see above), MDR levels ×1).
+Equal budget: same iterations, batch 64 (m-per-class, 16 classes × 4 designs, for every method but Proxy-Anchor,
+which shuffles as its paper does), ``kanji_cnn`` width 16, 128-d, Adam lr 1e-3 without weight decay, schedule
+or clipping (the quickstart recipe; proxies ×10 for Proxy-Anchor). The sampler's epoch length is set to
+``iterations / --epochs`` batches (10 pseudo-epochs) for every method, so IAA's epoch schedule scales with the run.
 
-Sampler epochs: one pass of the m-per-class sampler over KanjiGlyphs is ⌊N/B⌋ ≈ 395 batches, so a 500-iteration
-run would be ~1.3 epochs and IAA's epoch schedule could not be scaled. The benchmark therefore sets the
-sampler's epoch length to ``iterations / --epochs`` batches (default 10 pseudo-epochs per run) for **every**
-method (the batch distribution is the same, epochs only mark where the epoch hook runs).
-
-Budget: 400 iterations (~1 epoch) is what the shared 2-core machine allowed for 21 runs, not a converged
-budget: a 1200-iteration MS probe (benchmarks/results/synthesis_ablation_probe_ms1200.json) still gained
-1.2–1.7 validation MAP@R points per 150 iterations at the end (24.4, 54.4, 64.5, 69.5, 73.1, 75.1, 76.3, 78.0 %
-at 150..1200). Compare methods at equal budget, not to converged numbers.
+Budget: 2,000 iterations (~5 passes over the training images): validation MAP@R (every 250 iterations, in the JSON)
+gains 0.7–1.2 points in the last 250 (11–34 in the second 250); the 400-iteration run is synthesis_ablation_400it.json.
 
 Protocol: model selection on the class-disjoint validation split by MAP@R every ``iterations / --validations``
-steps (and at the end); the selected checkpoint is evaluated once on the test classes. The "before training"
-test evaluation of the trainer is skipped (it is identical for all methods of a seed and costs a full test pass).
-
-Prints a table (mean ± std over seeds of test MAP@R and R@1) and writes
-benchmarks/results/synthesis_ablation.json (``--small``: synthesis_ablation_small.json). Per-run results are
-appended to ``<out>.runs.jsonl`` as they finish, so an interrupted run can be resumed with ``--resume``.
+steps; the selected checkpoint is evaluated once on the test classes (the trainer's "before" test pass is skipped).
+Prints mean ± std over seeds of test MAP@R and R@1 and writes benchmarks/results/synthesis_ablation.json
+(``--small``: synthesis_ablation_small.json); per-run results go to ``<out>.runs.jsonl`` as they finish
+(``--resume`` skips those).
 """
 
 from __future__ import annotations
@@ -96,17 +82,15 @@ from deepmetric.training.config import load_config
 from deepmetric.training.trainer import Trainer
 
 RESULTS_DIR = Path(__file__).parent / "results"
-DEFAULT_METHODS = ("ms", "ms+iaa", "ms+das", "triplet_dws", "mdr", "pa", "pa+sgar")
+DEFAULT_METHODS = ("ms", "ms+iaa", "ms+das", "triplet_dws", "mdr", "pa", "pa+sgar", "pa+sgar_top")
 
 MS_PARAMS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1}
 # Proxy lr: the code's proxies run at ×100 of AdamW lr 1e-4, i.e. an absolute 1e-2. With the shared Adam lr 1e-3
 # used here, ×100 would be 0.1 — a first run with it left Proxy-Anchor at test MAP@R ≈ 1.5 % (loss stuck ≈ 12.6;
 # benchmarks/results/synthesis_ablation_pa_proxy_lr100.runs.jsonl), so we keep the paper's absolute proxy lr: ×10.
 PA_PARAMS = {"alpha": 32.0, "margin": 0.1, "lr_multiplier": 10.0}
-# The KanjiGlyphs Proxy-Anchor recipe's training setting (configs/kanji_glyphs/proxy_anchor.yaml, where the probes
-# behind it are listed): plain shuffling as in the paper — with 783 classes and 16 classes per m-per-class batch a
-# proxy meets a positive in 2 % of the steps and the proxies do not train at this budget — and the paper code's
-# warm-up with a frozen backbone (head and proxies only).
+# The KanjiGlyphs Proxy-Anchor recipe's training (configs/kanji_glyphs/proxy_anchor.yaml lists the probes behind
+# it): plain shuffling as in the paper, and the paper code's frozen-backbone warm-up (head and proxies only).
 PA_TRAINING = {"data.sampler": "random", "train.frozen_backbone_iterations": 50}
 TRIPLET_DWS = {
     "loss.name": "triplet_margin",
@@ -157,6 +141,9 @@ METHODS: dict[str, dict[str, Any]] = {
                              "m_a": 0.0, "eta": 1.0, "lambda_r": 0.5, "detach_features": True},
     },
 }
+# the same SGAR with a gate that always opens: the half of each batch closest to its own proxies
+METHODS["pa+sgar_top"] = {**METHODS["pa+sgar"], "synthesis.params": {
+    **METHODS["pa+sgar"]["synthesis.params"], "gate": "top_fraction", "top_fraction": 0.5}}
 
 
 def iaa_schedule(epochs: int, update_every: int) -> dict[str, int]:
@@ -189,9 +176,9 @@ def build_overrides(method: str, args: argparse.Namespace, seed: int) -> tuple[l
     if method == "ms+iaa":
         spec["synthesis.params"] = {**spec["synthesis.params"], **iaa_schedule(args.epochs, args.iaa_update_every),
                                     "seed": seed}
-    elif "synthesis.params" in spec and method in ("ms+das", "pa+sgar"):
+    elif "synthesis.params" in spec and method in ("ms+das", "pa+sgar", "pa+sgar_top"):
         spec["synthesis.params"] = {**spec["synthesis.params"], "seed": seed}
-    if method in ("pa", "pa+sgar") and args.pa_proxy_lr_mult is not None:
+    if method.startswith("pa") and args.pa_proxy_lr_mult is not None:
         spec["loss.params"] = {**spec["loss.params"], "lr_multiplier": args.pa_proxy_lr_mult}
     common = {
         "name": f"ablation_{method}",
@@ -248,7 +235,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, workdir: Path) -> 
 
 
 # Each method against its own baseline: same loss, same embedding space, same evaluation distance.
-BASELINES = {"ms+iaa": "ms", "ms+das": "ms", "mdr": "triplet_dws", "pa+sgar": "pa"}
+BASELINES = {"ms+iaa": "ms", "ms+das": "ms", "mdr": "triplet_dws", "pa+sgar": "pa", "pa+sgar_top": "pa"}
 
 
 def paired_delta(runs: list[dict[str, Any]], method: str, baseline: str, key: str) -> dict[str, Any] | None:
@@ -304,12 +291,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations per run (default 400)")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations per run (default 2000)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--small", action="store_true", help="CI-sized: 12 iterations, 40 classes, 1 seed")
-    parser.add_argument("--validations", type=int, default=4, help="validation evaluations per run (incl. the end)")
+    parser.add_argument("--validations", type=int, default=None,
+                        help="validation evaluations per run, incl. the end (default 8, --small 4)")
     parser.add_argument("--epochs", type=int, default=10, help="sampler epochs per run (sets the epoch length)")
     parser.add_argument("--iaa-update-every", type=int, default=3, help="IAA re-estimation period, sampler epochs")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -334,7 +322,8 @@ def main() -> None:
         args.max_classes = args.max_classes or 40
         args.epochs = min(args.epochs, 4)
         args.iaa_update_every = 1
-    args.iterations = args.iterations or 400
+    args.iterations = args.iterations or 2000
+    args.validations = args.validations or (4 if args.small else 8)
     seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -360,3 +360,30 @@ def test_num_threads_is_restored():
     x, y = tricky_data(n=40)
     assert evaluate(x, y, distance="dot", num_threads=1) == evaluate(x, y, distance="dot")
     assert torch.get_num_threads() == before
+
+
+def test_row_slices_and_reused_topk_workspace_leave_results_unchanged(monkeypatch):
+    from deepmetric.evaluation import retrieval
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(-30, 30, (9, 4096), generator=g).float()
+    s[:, ::5] = float("-inf")
+    workspace = torch.full((9 * 4096 // 8,), float("nan"))
+    v_ws, i_ws = stable_topk(s, 10, workspace=workspace)
+    v, i = stable_topk(s, 10)
+    assert torch.equal(v_ws, v) and torch.equal(i_ws, i)
+    assert not torch.isnan(workspace[: 9 * 512]).any()  # width 8: the 512 chunk maxima of each row landed there
+    x, y = tricky_data(n=400)
+    kwargs = dict(k=12, rank_depth=60, list_metrics=("precision@1", "r_precision", "map@r", "map"), distance="dot")
+    whole = retrieval.retrieve(x, y, **kwargs)
+    monkeypatch.setattr(retrieval, "SLICE_BYTES", 1)  # slices of the minimum 8 rows
+    sliced = retrieval.retrieve(x, y, **kwargs)
+    assert torch.equal(whole.neighbour_index, sliced.neighbour_index)
+    assert torch.equal(whole.neighbour_score, sliced.neighbour_score)
+    assert torch.equal(whole.first_relevant_rank, sliced.first_relevant_rank)
+    assert whole.rank_depth == sliced.rank_depth
+    for name, values in whole.per_query.items():
+        if name == "map":  # the list/counted split of each AP sum moves with the slice's list length: ulps only
+            assert torch.allclose(values, sliced.per_query[name], rtol=1e-13, atol=0), name
+        else:
+            assert torch.equal(values, sliced.per_query[name]), name

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from deepmetric.evaluation import metrics as M
 from deepmetric.evaluation.results import RetrievalResults
-from deepmetric.evaluation.retrieval import count_relevant, retrieve
+from deepmetric.evaluation.relevance import count_relevant
+from deepmetric.evaluation.retrieval import retrieve
 
 
 def import_faiss() -> Any:

@@ -48,7 +48,9 @@ def chunk_width(n: int, k: int, max_width: int = 64) -> int:
     return width
 
 
-def stable_topk(scores: Tensor, k: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+def stable_topk(
+    scores: Tensor, k: int, width: int | None = None, workspace: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of each row of ``scores`` (b, n) in the order (−score, column index).
 
     Two stages over a partition of the n columns into n/width interleaved chunks, chunk c = the columns
@@ -58,7 +60,10 @@ def stable_topk(scores: Tensor, k: int, width: int | None = None) -> tuple[Tenso
     chunks has ≥ k items strictly better than it, so the stable top-k lies among the candidates. ``torch.topk``
     picks values; ties are resolved by column explicitly, and rows whose selection boundary is tied are ranked by
     a stable sort of the whole row (rare outside constructed data), so the result never depends on topk's internal
-    tie order. ``scores`` may contain −inf (excluded items). Returns (values (b, k), column indices (b, k), int64).
+    tie order. ``scores`` may contain −inf (excluded items). ``workspace`` (optional, same dtype and device, at least
+    b·n/width elements) receives the chunk maxima: callers ranking many blocks pass one buffer so the largest
+    temporary is not a fresh allocation each time (fresh pages are filled several times slower than reused ones).
+    Returns (values (b, k), column indices (b, k), int64).
     """
     b, n = scores.shape
     if not 1 <= k <= n:
@@ -70,7 +75,12 @@ def stable_topk(scores: Tensor, k: int, width: int | None = None) -> tuple[Tenso
         pos = _order_stable(scores, pos)
     else:
         n_chunks = n // width
-        chunks, ambiguous = _topk_set(scores.view(b, width, n_chunks).amax(dim=1), k)  # ascending chunk ids
+        blocks = scores.view(b, width, n_chunks)
+        if workspace is not None and workspace.numel() >= b * n_chunks:
+            maxima = torch.amax(blocks, dim=1, out=workspace[: b * n_chunks].view(b, n_chunks))
+        else:
+            maxima = blocks.amax(dim=1)
+        chunks, ambiguous = _topk_set(maxima, k)  # ascending chunk ids
         # candidate (j, c) is column j·n_chunks + chunks[c]: with ascending chunk ids, j-major order is ascending
         # in column, which the tie rule below relies on
         lane = torch.arange(width, device=scores.device) * n_chunks

@@ -14,13 +14,16 @@ blocks), removes each query's own row *by index* in self-retrieval, and then wor
 Scores: cosine on float32 input is the GEMM of the L2-normalised rows; on float64 input the GEMM of the raw rows
 ranked by sign(S)·S²/‖g‖² (per query the cosine order), exact on quantised data (docs/retrieval.md, ties).
 
-Threads: the GEMM runs on torch's T threads; steps 1–3 run on T one-thread workers that pull slices of the block's
-rows (k_b is then per slice). Memory-bound operators split statically over T OpenMP threads wait at every operator
+Steps 1–3 run on slices of the block's rows of at most ``SLICE_BYTES`` of scores (k_b is then per slice), so their
+temporaries stay in cache; the top-k's largest temporary (the chunk maxima) is one buffer per thread, reused by
+every slice, because pages of a fresh allocation are filled several times slower than reused ones.
+
+Threads: the GEMM runs on torch's T threads; steps 1–3 run on T one-thread workers that pull the slices. Memory-bound operators split statically over T OpenMP threads wait at every operator
 for the slowest thread, so on a loaded machine the post-GEMM work with 2 threads was measured slower than with one;
 workers pulling slices only lose the time the OS takes from them.
 
-Memory: O(b·N) for S (b from a 256 MB budget when ``chunk_size`` is None) + O(b·(k_b·w + N/w)), w ∈ [32, 64], for
-the two-stage top-k + O(N·d) for the normalised, padded copy of the gallery + O(n_q·k) for the stored lists; never
+Memory: O(b·N) for S (b from a 256 MB budget when ``chunk_size`` is None) + O(T·SLICE_BYTES) for the
+two-stage top-k + O(N·d) for the normalised, padded copy of the gallery + O(n_q·k) for the stored lists; never
 N×N. One row of S must fit the budget (up to ~64M gallery items at 256 MB); beyond that the block is one row.
 """
 
@@ -30,7 +33,7 @@ import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from deepmetric.evaluation import metrics as M
 from deepmetric.evaluation.inputs import DISTANCES, as_embeddings, as_labels
 from deepmetric.evaluation.knn import count_ranked_before, exact_cosine_key, stable_topk
+from deepmetric.evaluation.relevance import Groups, group_gallery
 from deepmetric.evaluation.results import LIST_METRICS, RetrievalResults
 
 TIE_POLICIES = ("stable", "optimistic")
@@ -51,44 +55,8 @@ TOPK_WIDTH = 64
 RECALL_LIST_CAP = 16
 #: default memory budget of the block similarity matrix
 DEFAULT_BLOCK_BYTES = 256 * 2**20
-
-
-@dataclass
-class _Groups:
-    """Gallery items grouped by label: the relevant items of query q are order[start_q : start_q + count_q]."""
-
-    order: Tensor  # gallery indices sorted by label (stable)
-    start: Tensor  # per query
-    count: Tensor  # per query: #gallery items with the query's label (self included in self-retrieval)
-
-
-def _group_gallery(query_labels: Tensor, gallery_labels: Tensor) -> _Groups:
-    order = torch.argsort(gallery_labels, stable=True)
-    uniq, counts = torch.unique_consecutive(gallery_labels[order], return_counts=True)
-    starts = counts.cumsum(0) - counts
-    pos = torch.searchsorted(uniq, query_labels).clamp_max(uniq.shape[0] - 1)
-    found = uniq[pos] == query_labels
-    zero = torch.zeros_like(pos)
-    return _Groups(order, torch.where(found, starts[pos], zero), torch.where(found, counts[pos], zero))
-
-
-def count_relevant(query_labels: Tensor, gallery_labels: Tensor, self_retrieval: bool) -> Tensor:
-    """R_q per query: gallery items with the query's label (its own row not counted in self-retrieval)."""
-    return _group_gallery(query_labels, gallery_labels).count - int(self_retrieval)
-
-
-def relevant_pairs(query_labels: Tensor, gallery_labels: Tensor, own: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Every (query row, gallery index) pair with equal labels, except gallery item ``own[row]`` when given
-    (the query's own row in self-retrieval): O(Σ R_q) memory."""
-    groups = _group_gallery(query_labels, gallery_labels)
-    device = query_labels.device
-    row = torch.repeat_interleave(torch.arange(query_labels.shape[0], device=device), groups.count)
-    offset = torch.arange(row.shape[0], device=device) - (groups.count.cumsum(0) - groups.count)[row]
-    item = groups.order[groups.start[row] + offset]
-    if own is not None:
-        keep = item != own[row]
-        row, item = row[keep], item[keep]
-    return row, item
+#: the ranking work after each block GEMM handles at most this many bytes of scores at a time
+SLICE_BYTES = 32 * 2**20
 
 
 def prepare(x: Tensor, distance: str) -> Tensor:
@@ -96,13 +64,19 @@ def prepare(x: Tensor, distance: str) -> Tensor:
     return torch.nn.functional.normalize(x, dim=1) if distance == "cosine" else x
 
 
-def _padded_gallery(g: Tensor, width: int) -> Tensor:
+def _padded_gallery(g: Tensor, width: int, normalise: bool) -> Tensor:
+    """The gallery rows (L2-normalised if asked) followed by zero rows up to a multiple of ``width``, written into
+    one new buffer (the normalised rows are not first made as a separate copy)."""
     n = g.shape[0]
     n_pad = math.ceil(n / width) * width
     if n_pad == n:
-        return g.contiguous()
-    out = g.new_zeros(n_pad, g.shape[1])
-    out[:n] = g
+        return torch.nn.functional.normalize(g, dim=1) if normalise else g.contiguous()
+    out = g.new_empty(n_pad, g.shape[1])
+    out[n:] = 0
+    if normalise:
+        torch.nn.functional.normalize(g, dim=1, out=out[:n])
+    else:
+        out[:n] = g
     return out
 
 
@@ -215,7 +189,7 @@ class _Pass:
     qlab: Tensor | None
     qrows: Tensor
     r: Tensor
-    groups: _Groups | None
+    groups: Groups | None
     self_mode: bool
     keep: int
     depth: int
@@ -233,6 +207,18 @@ class _Pass:
     first_rank: Tensor
     per_query: dict[str, Tensor]
 
+    #: per worker thread, one buffer for the top-k's chunk maxima, reused by every slice that thread ranks
+    buffers: threading.local = field(default_factory=threading.local)
+
+    def _workspace(self, s: Tensor) -> Tensor:
+        # the chunk maxima take at most 1/8 of the slice's scores (chunk width ≥ 8)
+        needed = s.shape[0] * (s.shape[1] // 8)
+        buffer = self.buffers.__dict__.get("chunk_max")
+        if buffer is None or buffer.numel() < needed:
+            buffer = torch.empty(needed, dtype=s.dtype, device=s.device)
+            self.buffers.chunk_max = buffer
+        return buffer
+
     @torch.no_grad()
     def rows(self, s: Tensor, q0: int, q1: int) -> int:
         """Lists, ranks and list metrics of rows [q0, q1) from their scores ``s``; returns the depth below which
@@ -246,7 +232,7 @@ class _Pass:
         k = min(k, self.n_candidates)
         if self.gallery_sq_norm is not None:
             exact_cosine_key(s, self.gallery_sq_norm)
-        top_v, top_i = stable_topk(s, k)
+        top_v, top_i = stable_topk(s, k, workspace=self._workspace(s))
         self.index[q0:q1], self.score[q0:q1] = top_i[:, : self.keep], top_v[:, : self.keep]
         if self.query_norm is not None:
             kept = top_v[:, : self.keep]
@@ -312,7 +298,7 @@ def _search(
     # the default "every row in order" reads query blocks as views instead of gathered copies
     all_rows = n_q == q.shape[0] and bool((qrows == torch.arange(n_q, device=device)).all())
     exact_cosine = distance == "cosine" and g.dtype == torch.float64
-    gp = _padded_gallery(g if exact_cosine else prepare(g, distance), TOPK_WIDTH)
+    gp = _padded_gallery(g, TOPK_WIDTH, normalise=distance == "cosine" and not exact_cosine)
     n_pad = gp.shape[0]
     qp = gp if self_mode else (q if exact_cosine else prepare(q, distance))
     gallery_sq_norm = query_norm = None
@@ -336,7 +322,7 @@ def _search(
     neg_inf = float("-inf")
     if labelled:
         qlab = ql[qrows]
-        groups = _group_gallery(qlab, gl)
+        groups = group_gallery(qlab, gl)
         r = groups.count - int(self_mode)
     else:
         qlab, r, groups = None, torch.zeros(n_q, dtype=torch.int64, device=device), None
@@ -351,6 +337,7 @@ def _search(
                 n_candidates, n_g, n_pad, max(1, b // 4), gallery_sq_norm, query_norm, index, score, first_rank,
                 per_query)
     threads = torch.get_num_threads()
+    slice_rows = max(1, SLICE_BYTES // (n_pad * gp.element_size()))
     pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
     try:
         if pool is not None:
@@ -370,12 +357,16 @@ def _search(
                 torch.addmm(bias, qp[q0:q1] if all_rows else qp.index_select(0, own), gp.t(), alpha=2.0, out=s)
             if self_mode:
                 s[torch.arange(q1 - q0, device=device), own] = neg_inf  # own row by index, duplicates untouched
+            # the work after the GEMM runs on row slices small enough that its temporaries stay in cache and
+            # below the allocator's mmap threshold (a fresh mmap costs a page fault per page touched)
+            step = max(8, min(slice_rows, -(-(q1 - q0) // (4 * threads))))
             if pool is None:
-                known_depth = min(known_depth, ctx.rows(s, q0, q1))
+                for r0 in range(q0, q1, step):
+                    known_depth = min(known_depth, ctx.rows(s[r0 - q0 : min(r0 + step, q1) - q0], r0,
+                                                            min(r0 + step, q1)))
                 continue
-            # the work after the GEMM goes to one-thread workers pulling row slices: a worker that the OS
+            # with several threads the slices go to one-thread workers pulling them: a worker that the OS
             # deschedules takes fewer slices instead of stalling every operator at an OpenMP barrier
-            step = max(8, -(-(q1 - q0) // (4 * threads)))
             jobs = [pool.submit(ctx.rows, s[r0 - q0 : min(r0 + step, q1) - q0], r0, min(r0 + step, q1))
                     for r0 in range(q0, q1, step)]
             known_depth = min([known_depth] + [job.result() for job in jobs])
@@ -394,5 +385,5 @@ def _search(
     )
 
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "RECALL_LIST_CAP", "TIE_POLICIES", "TOPK_WIDTH", "count_relevant",
-           "default_chunk_size", "prepare", "relevant_pairs", "retrieve"]
+__all__ = ["DEFAULT_BLOCK_BYTES", "RECALL_LIST_CAP", "SLICE_BYTES", "TIE_POLICIES", "TOPK_WIDTH",
+           "default_chunk_size", "prepare", "retrieve"]

@@ -374,7 +374,8 @@ def test_row_slices_and_reused_topk_workspace_leave_results_unchanged(monkeypatc
     assert torch.equal(v_ws, v) and torch.equal(i_ws, i)
     assert not torch.isnan(workspace[: 9 * 512]).any()  # width 8: the 512 chunk maxima of each row landed there
     x, y = tricky_data(n=400)
-    kwargs = dict(k=12, rank_depth=60, list_metrics=("precision@1", "r_precision", "map@r", "map"), distance="dot")
+    kwargs = {"k": 12, "rank_depth": 60, "list_metrics": ("precision@1", "r_precision", "map@r", "map"),
+              "distance": "dot"}
     whole = retrieval.retrieve(x, y, **kwargs)
     monkeypatch.setattr(retrieval, "SLICE_BYTES", 1)  # slices of the minimum 8 rows
     sliced = retrieval.retrieve(x, y, **kwargs)

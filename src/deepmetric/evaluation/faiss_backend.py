@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from deepmetric.evaluation import metrics as M
-from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.relevance import count_relevant
+from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.retrieval import retrieve
 
 

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from deepmetric.atomic_files import write_text_atomic
 from deepmetric.evaluation.inputs import as_embeddings
-from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.relevance import relevant_pairs
+from deepmetric.evaluation.results import RetrievalResults
 from deepmetric.evaluation.retrieval import prepare, retrieve
 from deepmetric.random_source import RandomSource
 

@@ -376,14 +376,14 @@ def test_row_slices_and_reused_topk_workspace_leave_results_unchanged(monkeypatc
     x, y = tricky_data(n=400)
     kwargs = {"k": 12, "rank_depth": 60, "list_metrics": ("precision@1", "r_precision", "map@r", "map"),
               "distance": "dot"}
-    whole = retrieval.retrieve(x, y, **kwargs)
+    wide = retrieval.retrieve(x, y, **kwargs)  # 400 rows in slices of 100 (a quarter of the block)
     monkeypatch.setattr(retrieval, "SLICE_BYTES", 1)  # slices of the minimum 8 rows
     sliced = retrieval.retrieve(x, y, **kwargs)
-    assert torch.equal(whole.neighbour_index, sliced.neighbour_index)
-    assert torch.equal(whole.neighbour_score, sliced.neighbour_score)
-    assert torch.equal(whole.first_relevant_rank, sliced.first_relevant_rank)
-    assert whole.rank_depth == sliced.rank_depth
-    for name, values in whole.per_query.items():
+    assert torch.equal(wide.neighbour_index, sliced.neighbour_index)
+    assert torch.equal(wide.neighbour_score, sliced.neighbour_score)
+    assert torch.equal(wide.first_relevant_rank, sliced.first_relevant_rank)
+    assert wide.rank_depth == sliced.rank_depth
+    for name, values in wide.per_query.items():
         if name == "map":  # the list/counted split of each AP sum moves with the slice's list length: ulps only
             assert torch.allclose(values, sliced.per_query[name], rtol=1e-13, atol=0), name
         else:

@@ -15,12 +15,13 @@ Scores: cosine on float32 input is the GEMM of the L2-normalised rows; on float6
 ranked by sign(S)·S²/‖g‖² (per query the cosine order), exact on quantised data (docs/retrieval.md, ties).
 
 Steps 1–3 run on slices of the block's rows of at most ``SLICE_BYTES`` of scores (k_b is then per slice), so their
-temporaries stay in cache; the top-k's largest temporary (the chunk maxima) is one buffer per thread, reused by
-every slice, because pages of a fresh allocation are filled several times slower than reused ones.
+temporaries stay small; the top-k's largest temporary (the chunk maxima) is one buffer per thread, reused by every
+slice, because pages of a fresh allocation are filled several times slower than reused ones (docs/retrieval.md).
 
-Threads: the GEMM runs on torch's T threads; steps 1–3 run on T one-thread workers that pull the slices. Memory-bound operators split statically over T OpenMP threads wait at every operator
-for the slowest thread, so on a loaded machine the post-GEMM work with 2 threads was measured slower than with one;
-workers pulling slices only lose the time the OS takes from them.
+Threads: the GEMM runs on torch's T threads; steps 1–3 run on T one-thread workers that pull the slices.
+Memory-bound operators split statically over T OpenMP threads wait at every operator for the slowest thread, so on
+a loaded machine the post-GEMM work with 2 threads was measured slower than with one; workers pulling slices only
+lose the time the OS takes from them.
 
 Memory: O(b·N) for S (b from a 256 MB budget when ``chunk_size`` is None) + O(T·SLICE_BYTES) for the
 two-stage top-k + O(N·d) for the normalised, padded copy of the gallery + O(n_q·k) for the stored lists; never
@@ -357,8 +358,8 @@ def _search(
                 torch.addmm(bias, qp[q0:q1] if all_rows else qp.index_select(0, own), gp.t(), alpha=2.0, out=s)
             if self_mode:
                 s[torch.arange(q1 - q0, device=device), own] = neg_inf  # own row by index, duplicates untouched
-            # the work after the GEMM runs on row slices small enough that its temporaries stay in cache and
-            # below the allocator's mmap threshold (a fresh mmap costs a page fault per page touched)
+            # the work after the GEMM runs on bounded row slices: smaller temporaries, and the chunk maxima of
+            # every slice go into the same per-thread buffer (see _Pass._workspace)
             step = max(8, min(slice_rows, -(-(q1 - q0) // (4 * threads))))
             if pool is None:
                 for r0 in range(q0, q1, step):

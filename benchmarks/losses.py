@@ -216,6 +216,21 @@ MEMORY_CASES = {
     "soft_triple": "dm.SoftTripleLoss(100, 512)(x, y % 100)",
 }
 
+# Subprocess code shared by the memory snippets (here and in rank_losses.py): reset the resident-set peak (VmHWM)
+# to the current resident size and keep that size as ``base``; the snippet then runs its case and prints
+# (VmHWM − base) in MiB.
+PEAK_RESET = """
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status_kib("VmRSS")
+"""
+PEAK_PRINT = """print((status_kib("VmHWM") - base) / 1024.0)
+"""
+
 MEMORY_SNIPPET = """
 import sys, torch
 from deepmetric import losses as dm, miners as dmm
@@ -227,16 +242,8 @@ small_x, small_y = x[:8].detach().requires_grad_(), y[:8]
 def run(x, y):
     eval(expr).backward()
 run(small_x, small_y)  # load lazily initialised kernels before measuring
-def status_kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current resident size
-base = status_kib("VmRSS")
-run(x, y)
-print((status_kib("VmHWM") - base) / 1024.0)
-"""
+""" + PEAK_RESET + """run(x, y)
+""" + PEAK_PRINT
 
 
 def run_memory(b: int, only: list[str] | None) -> list[dict]:

@@ -39,7 +39,7 @@ import torch
 from deepmetric import losses as dm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from losses import host  # the loss benchmark's host description: CPU, BLAS, threads
+from losses import PEAK_PRINT, PEAK_RESET, host  # the loss benchmark's peak-memory code and host description
 
 PER_CLASS = 4
 DIM = 512
@@ -106,16 +106,8 @@ s = torch.randn(4, 4, requires_grad=True)
 pos = torch.eye(4)
 ranks = smooth_ranks(s, pos, torch.ones(4, 4), 0.01, block_elements=1)  # and the checkpoint machinery
 sum(r.sum() for r in ranks).backward()
-def status_kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current resident size
-base = status_kib("VmRSS")
-loss(x, y).backward()
-print((status_kib("VmHWM") - base) / 1024.0)
-"""
+""" + PEAK_RESET + """loss(x, y).backward()
+""" + PEAK_PRINT
 
 
 def memory_cases(sizes: list[int]) -> list[tuple[str, int, int, str]]:

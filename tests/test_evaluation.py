@@ -372,6 +372,8 @@ def test_row_slices_and_reused_topk_workspace_leave_results_unchanged(monkeypatc
     v_ws, i_ws = stable_topk(s, 10, workspace=workspace)
     v, i = stable_topk(s, 10)
     assert torch.equal(v_ws, v) and torch.equal(i_ws, i)
+    oracle = torch.sort(s, dim=1, descending=True, stable=True)  # (−score, column), independent of the top-k
+    assert torch.equal(i_ws, oracle.indices[:, :10]) and torch.equal(v_ws, oracle.values[:, :10])
     assert not torch.isnan(workspace[: 9 * 512]).any()  # width 8: the 512 chunk maxima of each row landed there
     x, y = tricky_data(n=400)
     kwargs = {"k": 12, "rank_depth": 60, "list_metrics": ("precision@1", "r_precision", "map@r", "map"),

@@ -217,3 +217,42 @@ def test_optional_wandb_logger_runs_offline(tmp_path, monkeypatch):
     assert runs, "wandb wrote no offline run (it must not need an account or network)"
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(("backbone", "preset", "channels"), [("resnet18", "xbm", 3), ("kanji_cnn", "kanji", 1)])
+def test_a_model_trained_on_the_glyphs_reloads_from_its_checkpoint(tmp_path, backbone, preset, channels):
+    """The trainer and ``load_model`` build the model for the channels the transforms give: an RGB preset turns
+    the grey glyphs into 3-channel images for a photo backbone; kanji_cnn with the glyph transforms reads 1."""
+    from deepmetric.training.run_artifacts import load_model
+
+    cfg = load_config(None, TINY + [f"model.backbone={backbone}", "model.pretrained=null",
+                                    f"data.train_transform={preset}_train", f"data.eval_transform={preset}_eval",
+                                    "data.max_classes=4", "data.batch_size=4", "data.m_per_class=2"])
+    trainer = Trainer(cfg, create_run_dir(tmp_path / "run"))
+    for _, (images, labels) in zip(range(2), trainer._loader()):
+        assert images.shape[1] == channels
+        trainer.train_step(images, labels)
+    path = trainer.save_checkpoint()
+    loaded = load_model(cfg, path)
+    batch = torch.stack([trainer.data.test[i][0] for i in range(3)])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(batch), trainer.model(batch), atol=1e-6)
+
+
+@pytest.mark.parametrize(("backbone", "preset"), [("resnet18", "xbm"), ("bninception", "ms"), ("kanji_cnn", "kanji")])
+def test_an_image_file_of_a_glyph_is_embedded_as_at_test_time(tmp_path, backbone, preset):
+    """``image_loader`` (embed / search) gives a saved glyph the tensor the test split gives the same glyph, for
+    the grey glyph transforms and for RGB presets (which resize and crop a PIL image differently from a tensor)."""
+    from PIL import Image
+
+    from deepmetric.data.bundle import build_data
+    from deepmetric.training.run_artifacts import image_loader
+
+    cfg = load_config(None, TINY + [f"model.backbone={backbone}", f"data.train_transform={preset}_train",
+                                    f"data.eval_transform={preset}_eval", "data.max_classes=4"])
+    test = build_data(cfg.data, backbone=backbone).test
+    load = image_loader(cfg)
+    for i in (0, len(test) - 1):
+        Image.fromarray(test.images[i]).save(tmp_path / f"{i}.png")
+        assert torch.equal(load(tmp_path / f"{i}.png"), test[i][0])

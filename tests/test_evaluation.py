@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -360,6 +361,29 @@ def test_num_threads_is_restored():
     x, y = tricky_data(n=40)
     assert evaluate(x, y, distance="dot", num_threads=1) == evaluate(x, y, distance="dot")
     assert torch.get_num_threads() == before
+
+
+def test_the_ranking_workers_run_their_operators_on_one_thread(monkeypatch):
+    """With T threads the GEMM runs on T and the per-slice ranking on T one-thread workers: a worker whose operators
+    ran T-thread OpenMP teams would oversubscribe the cores (T × T threads) at every operator."""
+    from deepmetric.evaluation import retrieval
+
+    seen: list[tuple[bool, int]] = []
+    ranking = retrieval.stable_topk
+
+    def recording_topk(*args, **kwargs):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return ranking(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "stable_topk", recording_topk)
+    monkeypatch.setattr(retrieval, "SLICE_BYTES", 1)  # many slices, so both workers take some
+    before = torch.get_num_threads()
+    x, y = tricky_data(n=400)
+    result = retrieval.retrieve(x, y, k=5, distance="dot", num_threads=2)
+    assert seen and all(not on_main and threads == 1 for on_main, threads in seen), seen
+    assert torch.get_num_threads() == before
+    assert torch.equal(result.neighbour_index, retrieval.retrieve(x, y, k=5, distance="dot",
+                                                                   num_threads=1).neighbour_index)
 
 
 def test_row_slices_and_reused_topk_workspace_leave_results_unchanged(monkeypatch):

@@ -8,6 +8,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from deepmetric.config_errors import ConfigError
+from deepmetric.data.bundle import build_transform
+from deepmetric.data.config import DataConfig
 from deepmetric.data.transforms import (
     TRANSFORMS,
     BNInceptionPreprocess,
@@ -15,8 +18,11 @@ from deepmetric.data.transforms import (
     build_transforms,
     eval_transform,
     get_transform,
+    input_channels,
     train_transform,
 )
+from deepmetric.models.config import ModelConfig
+from deepmetric.models.factory import build_model
 
 PRESETS = ("deep_metric", "ms", "xbm", "proxy_anchor", "mdr", "iaa", "das", "reality_check")
 
@@ -109,3 +115,51 @@ def test_registry_names_defaults_and_unknown():
     assert isinstance(get_transform("ms_train", backbone="resnet50").transforms[-1], T.Normalize)
     with pytest.raises(KeyError, match="known:"):
         get_transform("nope_train")
+
+
+# (backbone, dataset, preset, channels): the presets give RGB except kanji_cnn's convention "none", which keeps the
+# dataset's own channels; the glyph transforms always keep them
+CHANNEL_CASES = [
+    ("kanji_cnn", "kanji_glyphs", "kanji", 1),
+    ("kanji_cnn", "kanji_glyphs", "xbm", 1),
+    ("resnet50", "kanji_glyphs", "xbm", 3),
+    ("resnet18", "kanji_glyphs", "proxy_anchor", 3),
+    ("bninception", "kanji_glyphs", "ms", 3),
+    ("timm:vit_tiny_patch16_224", "kanji_glyphs", "vit", 3),
+    ("kanji_cnn", "cub200", "reality_check", 3),
+    ("resnet50", "folder", "xbm", 3),
+    ("resnet50", "kanji_glyphs", "kanji", 1),  # refused by the model factory, see below
+]
+
+
+@pytest.mark.parametrize(("backbone", "dataset", "preset", "channels"), CHANNEL_CASES)
+def test_input_channels_is_what_the_transforms_give(backbone, dataset, preset, channels):
+    data = DataConfig(dataset=dataset, train_transform=f"{preset}_train", eval_transform=f"{preset}_eval")
+    assert input_channels(data, backbone) == channels
+    # the rule agrees with the tensors the transforms make of the dataset's own images (glyphs: PIL "L")
+    image = Image.new("L" if dataset == "kanji_glyphs" else "RGB", (32, 32), 40)
+    for name in (data.train_transform, data.eval_transform):
+        assert get_transform(name, backbone=backbone, dataset=dataset)(image).shape[0] == channels
+
+
+def test_input_channels_refuses_train_and_eval_transforms_that_disagree():
+    data = DataConfig(dataset="kanji_glyphs", train_transform="kanji_train", eval_transform="xbm_eval")
+    with pytest.raises(ConfigError, match=r"data.eval_transform 'xbm_eval' gives 3-channel .* 1-channel"):
+        input_channels(data, "resnet50")
+    assert input_channels(data, "kanji_cnn") == 1  # convention "none": both keep the glyphs grey
+
+
+def test_a_3_channel_backbone_on_grey_glyphs_is_refused_naming_both_fixes():
+    channels = input_channels(DataConfig(), "resnet50")  # the default transforms: kanji_train / kanji_eval
+    with pytest.raises(ConfigError, match=r"model.backbone=kanji_cnn.*data.train_transform=xbm_train"):
+        build_model(ModelConfig(backbone="resnet50", pretrained=None), channels)
+
+
+@pytest.mark.parametrize("dataset", ["cub200", "folder"])
+def test_the_glyph_transforms_are_refused_for_photo_datasets(dataset):
+    """They read PIL "L" images; on an RGB photo they would give an (H, W, 3) tensor, so the config is refused with
+    the field and a preset to use instead (the defaults are the glyph transforms: forgetting to change them with
+    data.dataset is an easy mistake)."""
+    with pytest.raises(ConfigError, match=rf"'kanji_eval' is for the grey-scale kanji_glyphs .* {dataset!r}.*xbm_eval"):
+        build_transform("kanji_eval", "resnet50", dataset)
+    assert build_transform("kanji_eval", "kanji_cnn", "kanji_glyphs") is not None

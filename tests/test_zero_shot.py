@@ -56,6 +56,15 @@ def test_zero_shot_json_on_an_image_folder_with_a_cnn(tmp_path, capsys):
     assert set(result["metrics"]) >= {"recall@1", "recall@2", "map@r"}
 
 
+@pytest.mark.parametrize(("transform", "eval_transform"), [([], "kanji_eval"), (["--transform", "xbm"], "xbm_eval")])
+def test_zero_shot_kanji_cnn_reads_the_grey_glyphs(transform, eval_transform, capsys):
+    """kanji_cnn keeps the glyphs' one channel, with the glyph transforms and with an RGB preset's geometry."""
+    assert main(["evaluate", "--backbone", "kanji_cnn", "--pretrained", "none", *transform, "--set",
+                 "data.max_classes=2", "--set", "train.threads=1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_transform"] == eval_transform and result["metrics"]["n_queries"] == 64
+
+
 def test_zero_shot_of_a_recipe_encoder_on_the_cub_layout(tmp_path, capsys):
     """`--config RECIPE`: the recipe's dataset, transforms and evaluation settings, its encoder untrained."""
     root = make_cub(tmp_path, {1: 2, 2: 2, 101: 3, 102: 3})

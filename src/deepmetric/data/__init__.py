@@ -22,6 +22,7 @@ from deepmetric.data.image_dataset import BadImageError, DatasetLayoutError, Ima
 from deepmetric.data.kanji import KanjiArchiveError, KanjiGlyphs, kanji_eval_transform, kanji_train_transform
 from deepmetric.data.samplers import MPerClassBatchSampler, RandomBatchSampler, build_sampler
 from deepmetric.data.splits import class_disjoint_split, indices_of_classes, reality_check_folds
+from deepmetric.data.transforms import input_channels
 
 __all__ = [
     "CUB200",
@@ -50,6 +51,7 @@ __all__ = [
     "class_disjoint_split",
     "dataset_labels",
     "indices_of_classes",
+    "input_channels",
     "kanji_eval_transform",
     "kanji_train_transform",
     "reality_check_folds",

@@ -68,7 +68,7 @@ def build_transform(name: str, backbone: str | None = None, dataset: str | None 
     """A transform preset by name; the colour convention follows the backbone (BN-Inception: BGR 0–255)."""
     try:
         return get_transform(name, backbone=backbone, dataset=dataset)
-    except KeyError as exc:
+    except (KeyError, ValueError) as exc:
         raise ConfigError(f"data transform: {exc.args[0]}") from exc
 
 

@@ -13,7 +13,8 @@ interpolation); the colour convention follows the backbone:
 * ``none``: tensor in [0, 1], nothing else.
 
 Every convention except ``none`` converts its input to 3 channels, so a grey-scale image (KanjiGlyphs) feeds an
-ImageNet or ViT encoder unchanged in content (zero-shot baselines).
+ImageNet or ViT encoder unchanged in content (zero-shot baselines); :func:`input_channels` is the one rule for
+the channel count a model is built for.
 
 =============  ======================  ======================================  ====================  =========
 preset         train pre-resize        RandomResizedCrop (size, scale, ratio)  eval                  interp.
@@ -55,6 +56,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from deepmetric.config_errors import ConfigError
+from deepmetric.data.config import DataConfig
 from deepmetric.data.kanji import kanji_eval_transform, kanji_train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,6 +75,8 @@ CONVENTIONS = ("bninception", *MEAN_STD, "none")
 # Backbones whose published weights expect the Caffe BGR/0–255 input; everything else is ImageNet RGB.
 _BGR_BACKBONES = {"bninception", "bn_inception"}
 _NO_NORMALIZATION = {"kanji_cnn"}
+# transforms that pass on the image's own channels whatever the backbone (the glyph transforms)
+_NATIVE_CHANNEL_TRANSFORMS = {"kanji_train", "kanji_eval"}
 
 
 class BNInceptionPreprocess(nn.Module):
@@ -142,6 +146,30 @@ def timm_convention(name: str) -> str:
         if all(abs(a - b) < 1e-3 for a, b in zip((*cfg.mean, *cfg.std), (*mean, *std), strict=True)):
             return convention
     return "imagenet"
+
+
+def input_channels(data: DataConfig, backbone: str | None) -> int:
+    """The channels of the images ``build_data(data, backbone=backbone)`` feeds the model: its ``in_channels``.
+
+    Every colour convention but ``none`` converts to 3 channels (``T.RGB``); convention ``none`` (``kanji_cnn``)
+    and the glyph transforms (``kanji_train`` / ``kanji_eval``) keep the dataset's own: 1 for the grey-scale
+    KanjiGlyphs, 3 for the image-file datasets (decoded as RGB). Raises :class:`ConfigError` when the train and
+    eval transforms disagree, since one model sees both.
+    """
+    native = 1 if data.dataset == "kanji_glyphs" else 3
+
+    def channels(transform: str) -> int:
+        keeps_native = transform in _NATIVE_CHANNEL_TRANSFORMS or input_convention(backbone) == "none"
+        return native if keeps_native else 3
+
+    train, evaluation = channels(data.train_transform), channels(data.eval_transform)
+    if train != evaluation:
+        raise ConfigError(
+            f"data.eval_transform {data.eval_transform!r} gives {evaluation}-channel images but "
+            f"data.train_transform {data.train_transform!r} gives {train}-channel ones (model.backbone={backbone}, "
+            f"data.dataset={data.dataset}); pick the two transforms of one preset"
+        )
+    return train
 
 
 def patch_size(backbone: str | None) -> int | None:
@@ -300,4 +328,8 @@ def get_transform(name: str, backbone: str | None = None, dataset: str | None = 
     """Look up ``TRANSFORMS[name]`` and build it; unknown names list what exists."""
     if name not in TRANSFORMS:
         raise KeyError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}")
+    if name in _NATIVE_CHANNEL_TRANSFORMS and dataset not in (None, "kanji_glyphs"):
+        # they read a PIL "L" image: an RGB photo would come out as an (H, W, 3) tensor
+        raise ValueError(f"transform {name!r} is for the grey-scale kanji_glyphs images, not data.dataset "
+                         f"{dataset!r} (RGB photos): use a photo preset, e.g. xbm_train / xbm_eval")
     return TRANSFORMS[name](backbone=backbone, dataset=dataset)

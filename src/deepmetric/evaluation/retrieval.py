@@ -287,6 +287,15 @@ class _Pass:
         return self.n_candidates if count_misses else k
 
 
+def _one_thread_worker() -> None:
+    """Make this thread's torch operators run on one thread. torch sets a thread's OpenMP team size lazily, on its
+    first operator, to the process-wide count, which the calling thread restores right after the pool starts; so
+    that initialisation is forced first (``get_num_threads``) and then overridden, or the workers' operators would
+    run on T-thread teams (T workers × T threads on T cores)."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 @torch.no_grad()
 def _search(
     q: Tensor, g: Tensor, ql: Tensor | None, gl: Tensor | None, qrows: Tensor, self_mode: bool, keep: int,
@@ -339,7 +348,7 @@ def _search(
                 per_query)
     threads = torch.get_num_threads()
     slice_rows = max(1, SLICE_BYTES // (n_pad * gp.element_size()))
-    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) if threads > 1 else None
+    pool = ThreadPoolExecutor(threads, initializer=_one_thread_worker) if threads > 1 else None
     try:
         if pool is not None:
             # start every worker (each lowers the process-wide BLAS threads once) before the first GEMM
@@ -371,7 +380,6 @@ def _search(
             jobs = [pool.submit(ctx.rows, s[r0 - q0 : min(r0 + step, q1) - q0], r0, min(r0 + step, q1))
                     for r0 in range(q0, q1, step)]
             known_depth = min([known_depth] + [job.result() for job in jobs])
-            torch.set_num_threads(threads)  # the workers' set_num_threads(1) also lowered the BLAS pool size
     finally:
         if pool is not None:
             pool.shutdown()

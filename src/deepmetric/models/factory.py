@@ -37,7 +37,9 @@ def build_configured_backbone(config: ModelConfig, in_channels: int | None = Non
     elif in_channels not in (None, 3):
         raise ConfigError(
             f"model.backbone {config.backbone!r} takes 3-channel images, got in_channels={in_channels} (the "
-            "grey-scale kanji_glyphs data needs model.backbone=kanji_cnn)"
+            "kanji_train / kanji_eval transforms keep the kanji_glyphs images grey-scale: use "
+            "model.backbone=kanji_cnn, or a preset that converts them to RGB, e.g. data.train_transform=xbm_train "
+            "and data.eval_transform=xbm_eval)"
         )
     if config.last_stride_one:
         options["last_stride_one"] = True

@@ -17,6 +17,7 @@ import torch
 from deepmetric.data.bundle import build_transform
 from deepmetric.data.image_dataset import load_rgb
 from deepmetric.data.kanji import IMAGE_SIZE
+from deepmetric.data.transforms import input_channels as data_input_channels
 from deepmetric.models.factory import build_model
 from deepmetric.training.checkpoint import load_checkpoint
 from deepmetric.training.config import ExperimentConfig, load_config
@@ -144,12 +145,12 @@ def load_model(config: ExperimentConfig, checkpoint: str | Path, in_channels: in
                device: str = "cpu") -> Any:
     """Build the model of ``config`` and load the weights in ``checkpoint`` (eval mode).
 
-    ``in_channels`` defaults to 1 for the grey-scale KanjiGlyphs and 3 otherwise (the trainer reads it from
-    the dataset's ``channels`` attribute; rebuilding the dataset just to learn it would be wasteful).
+    ``in_channels`` defaults to what the trainer built the model for (:func:`deepmetric.data.input_channels`
+    of the config's data and backbone).
     """
     path = require_file(Path(checkpoint), "model weights")
     if in_channels is None:
-        in_channels = 1 if config.data.dataset == "kanji_glyphs" else 3
+        in_channels = data_input_channels(config.data, config.model.backbone)
     model = build_model(config.model, in_channels=in_channels)
     state = _state_dict_from(load_checkpoint(path, map_location=device), path)
     try:
@@ -195,8 +196,9 @@ def list_images(folder: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
 def image_loader(config: ExperimentConfig) -> Any:
     """A function ``path -> input tensor`` applying the run's evaluation transform to an image file.
 
-    KanjiGlyphs models see 1×32×32 grey glyphs, so files are converted to grey-scale and resized to the glyph
-    size before the dataset's own evaluation transform; other datasets use the RGB image and the config's
+    KanjiGlyphs models are trained on 32×32 grey glyphs, so files are converted to grey-scale and resized to the
+    glyph size, and the transform gets the PIL "L" image the dataset gives it (a float tensor would be resized and
+    cropped differently by an RGB preset); other datasets use the RGB image. Both apply the config's
     ``data.eval_transform`` preset, exactly as at test time.
     """
     if config.data.dataset == "kanji_glyphs":
@@ -204,8 +206,9 @@ def image_loader(config: ExperimentConfig) -> Any:
 
         def load_glyph(path: Path) -> Any:
             img = load_rgb(path).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE))
-            tensor = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
-            return transform(tensor) if transform is not None else tensor
+            if transform is not None:
+                return transform(img)
+            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
 
         return load_glyph
 

@@ -25,6 +25,7 @@ from deepmetric.atomic_files import write_text_atomic
 from deepmetric.config_errors import ConfigError
 from deepmetric.data.bundle import DataBundle, build_data, dataset_labels
 from deepmetric.data.samplers import MPerClassBatchSampler, RandomBatchSampler, build_sampler
+from deepmetric.data.transforms import input_channels
 from deepmetric.models.factory import build_model
 from deepmetric.training import guards, verification_threshold
 from deepmetric.training.builders import build_optimizer, build_scheduler
@@ -96,9 +97,7 @@ class Trainer:
         self.data: DataBundle = build_data(config.data, seed=tc.seed, backbone=config.model.backbone)
         self.train_labels = dataset_labels(self.data.train)
         self.num_classes = int(self.train_labels.max()) + 1
-        # grey-scale glyphs have one channel, every photo dataset three (a LabelledSubset has no `channels`)
-        in_channels = getattr(self.data.train, "channels", 1 if config.data.dataset == "kanji_glyphs" else 3)
-        self.model = build_model(config.model, in_channels=in_channels).to(self.device)
+        self.model = build_model(config.model, input_channels(config.data, config.model.backbone)).to(self.device)
         self.sampler = self._build_sampler()
         criterion = build_criterion(config, num_classes=self.num_classes, batches_per_epoch=len(self.sampler))
         # not DDP: every rank evaluates the same global-batch loss; gradient hooks undo the W·L scaling

@@ -21,7 +21,7 @@ import torch
 
 from deepmetric.config_errors import ConfigError
 from deepmetric.data.bundle import build_data
-from deepmetric.data.transforms import family_preset
+from deepmetric.data.transforms import family_preset, input_channels
 from deepmetric.models.factory import build_configured_backbone, build_model
 from deepmetric.models.timm_backbone import TimmBackbone
 from deepmetric.training.config import ExperimentConfig, check_config, load_config, save_config
@@ -83,8 +83,7 @@ def evaluate_zero_shot(setup: ZeroShotSetup, split: str = "test",
         torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
     data = build_data(config.data, seed=config.train.seed, backbone=config.model.backbone)
-    # the family presets give 3-channel input, also for the grey-scale glyphs; kanji_cnn reads them as they are
-    in_channels = 1 if config.model.backbone == "kanji_cnn" and config.data.dataset == "kanji_glyphs" else 3
+    in_channels = input_channels(config.data, config.model.backbone)
     backbone = build_configured_backbone(config.model, in_channels)
     if "model.pooling" not in setup.explicit and isinstance(backbone, TimmBackbone) and backbone.has_class_token:
         config.model.pooling = "cls"

@@ -22,7 +22,7 @@ Reported: median wall time, b/a (target ≤ 1.15), b/c (target ≤ 0.5), peak me
 (target ≤ 1.5 GB), and the host (CPU model, AVX-512 or not, BLAS, load average before and after).
 
 Usage: python benchmarks/evaluation.py [--small | --scale S] [--repeats N] [--inshop-repeats N] [--pml-repeats N]
-       [--threads 1 2] [--profile]
+       [--threads 1 2] [--cases sop inshop] [--profile]
 """
 
 from __future__ import annotations
@@ -339,8 +339,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="6,000-item SOP-shaped case (= --scale 10), < 1 minute")
     p.add_argument("--scale", type=int, default=None, help="divide every size by this factor (default 1)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="runs of gemm and deepmetric (default 3, --small 2; In-Shop: --inshop-repeats)")
+    p.add_argument("--repeats", type=int, default=None, help="runs of gemm and deepmetric (default 3, --small 2)")
     p.add_argument("--inshop-repeats", type=int, default=None,
                    help="runs of gemm and deepmetric on the In-Shop case, ~20× cheaper than SOP (default 7)")
     p.add_argument("--pml-repeats", type=int, default=None, help="runs of PML + faiss (default 1)")
@@ -348,6 +347,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to measure, each for every method (default: 1 2)")
     p.add_argument("--profile", action="store_true", help="also profile one evaluate per thread count")
+    p.add_argument("--cases", nargs="+", choices=("sop", "inshop"), default=["sop", "inshop"],
+                   help="which shapes to measure (default both)")
     p.add_argument("--output", default=None)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -360,20 +361,24 @@ def main() -> None:
     pml_repeats = args.pml_repeats or 1
     scale = args.scale or (10 if args.small else 1)
     load_before = os.getloadavg()
-    x, y = make_sop(60502 // scale, 11316 // scale, 512, args.sigma)
-    cases = [bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads,
-                        args.profile)]
-    del x, y
-    q, ql, g, gl = make_inshop(14218 // scale, 12612 // scale, 3985 // scale, 512, args.sigma)
     inshop_repeats = args.inshop_repeats or args.repeats or (2 if args.small else 7)
-    cases.append(bench_case("inshop", {"q": q, "ql": ql, "g": g, "gl": gl}, [1, 10, 20, 30, 40, 50],
-                            inshop_repeats, pml_repeats, args.threads, args.profile))
+    cases = []
+    if "sop" in args.cases:
+        x, y = make_sop(60502 // scale, 11316 // scale, 512, args.sigma)
+        cases.append(bench_case("sop", {"q": x, "ql": y}, [1, 10, 100, 1000], repeats, pml_repeats, args.threads,
+                                args.profile))
+        del x, y
+    if "inshop" in args.cases:
+        q, ql, g, gl = make_inshop(14218 // scale, 12612 // scale, 3985 // scale, 512, args.sigma)
+        cases.append(bench_case("inshop", {"q": q, "ql": ql, "g": g, "gl": gl}, [1, 10, 20, 30, 40, 50],
+                                inshop_repeats, pml_repeats, args.threads, args.profile))
     report = {
         "benchmark": "evaluation",
         "small": args.small,
         "scale": scale,
         "sigma": args.sigma,
         "threads": args.threads,
+        "repeats": {"sop": repeats, "inshop": inshop_repeats},
         "load_average_before": load_before,
         "load_average_at_end": os.getloadavg(),
         "machine": host_info(),
@@ -383,6 +388,8 @@ def main() -> None:
         print_table(case)
     default_name = "evaluation.json" if scale == 1 else ("evaluation_small.json" if scale == 10 else
                                                           f"evaluation_scale{scale}.json")
+    if len(args.cases) == 1:
+        default_name = default_name.replace("evaluation", f"evaluation_{args.cases[0]}")
     out = Path(args.output) if args.output else RESULTS / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

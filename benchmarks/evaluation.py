@@ -208,8 +208,8 @@ def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: 
     baseline = _maxrss_mb()
     warm_up: dict[str, float] = {}
     if method == "deepmetric":
-        # untimed warm-up of both on the first queries: the first call in a process pays one-time costs (BLAS
-        # kernel dispatch, thread pools), which made the first (evaluate, GEMM) pair the outlier of every run
+        # untimed warm-up of both on the first queries: the first call in a process pays one-time costs, and
+        # without it the first (evaluate, GEMM) pair was the slowest pair of every earlier run
         few = min(q.shape[0], WARM_UP_QUERIES)
         for name, fn in (("deepmetric", _run_deepmetric), ("gemm", _run_gemm)):
             t0 = time.perf_counter()

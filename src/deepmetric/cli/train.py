@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
                     remove_failed_start(run_dir)
                 raise
         result = trainer.fit()
+        # rank 0 writes the results after the last collective: the ranks tear gloo down together, not while a
+        # peer still holds its connections
+        barrier(distributed)
     finally:
         destroy_distributed()
     if distributed.is_main:

@@ -189,6 +189,12 @@ def _run_profile(q, ql, g, gl, recall_at):
 WORKERS = {"gemm": _run_gemm, "deepmetric": _run_deepmetric, "pml+faiss": _run_pml, "profile": _run_profile}
 
 
+def _seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: int | None) -> None:
     arrays = np.load(data)
     q, ql = arrays["q"], arrays["ql"]
@@ -212,23 +218,17 @@ def worker(method: str, data: str, repeats: int, recall_at: list[int], threads: 
         # without it the first (evaluate, GEMM) pair was the slowest pair of every earlier run
         few = min(q.shape[0], WARM_UP_QUERIES)
         for name, fn in (("deepmetric", _run_deepmetric), ("gemm", _run_gemm)):
-            t0 = time.perf_counter()
-            fn(q[:few], ql[:few], g, gl, recall_at)
-            warm_up[name] = time.perf_counter() - t0
+            warm_up[name] = _seconds(fn, q[:few], ql[:few], g, gl, recall_at)
     times, gemm_times, result, peak = [], [], {}, None
     for rep in range(repeats):
         if method == "deepmetric" and rep % 2 == 1:  # alternate the order so slow drift of the load cancels
-            t0 = time.perf_counter()
-            _run_gemm(q, ql, g, gl, recall_at)
-            gemm_times.append(time.perf_counter() - t0)
+            gemm_times.append(_seconds(_run_gemm, q, ql, g, gl, recall_at))
         t0 = time.perf_counter()
         result = WORKERS[method](q, ql, g, gl, recall_at)
         times.append(time.perf_counter() - t0)
         peak = _maxrss_mb() - baseline if peak is None else peak  # after the first full run
         if method == "deepmetric" and rep % 2 == 0:
-            t0 = time.perf_counter()
-            _run_gemm(q, ql, g, gl, recall_at)
-            gemm_times.append(time.perf_counter() - t0)
+            gemm_times.append(_seconds(_run_gemm, q, ql, g, gl, recall_at))
     print(json.dumps({"times": times, "gemm_times_same_process": gemm_times, "peak_extra_mb": peak,
                       "baseline_mb": baseline, "warm_up_s": warm_up, "metrics": result}))
 

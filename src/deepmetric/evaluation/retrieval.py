@@ -370,16 +370,14 @@ def _search(
             # the work after the GEMM runs on bounded row slices: smaller temporaries, and the chunk maxima of
             # every slice go into the same per-thread buffer (see _Pass._workspace)
             step = max(8, min(slice_rows, -(-(q1 - q0) // (4 * threads))))
+            slices = [(s[r0 - q0 : min(r0 + step, q1) - q0], r0, min(r0 + step, q1)) for r0 in range(q0, q1, step)]
             if pool is None:
-                for r0 in range(q0, q1, step):
-                    known_depth = min(known_depth, ctx.rows(s[r0 - q0 : min(r0 + step, q1) - q0], r0,
-                                                            min(r0 + step, q1)))
-                continue
-            # with several threads the slices go to one-thread workers pulling them: a worker that the OS
-            # deschedules takes fewer slices instead of stalling every operator at an OpenMP barrier
-            jobs = [pool.submit(ctx.rows, s[r0 - q0 : min(r0 + step, q1) - q0], r0, min(r0 + step, q1))
-                    for r0 in range(q0, q1, step)]
-            known_depth = min([known_depth] + [job.result() for job in jobs])
+                depths = [ctx.rows(*part) for part in slices]
+            else:
+                # with several threads the slices go to one-thread workers pulling them: a worker that the OS
+                # deschedules takes fewer slices instead of stalling every operator at an OpenMP barrier
+                depths = [job.result() for job in [pool.submit(ctx.rows, *part) for part in slices]]
+            known_depth = min(known_depth, *depths)
     finally:
         if pool is not None:
             pool.shutdown()

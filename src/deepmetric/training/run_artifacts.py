@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from deepmetric.data.bundle import build_transform
 from deepmetric.data.image_dataset import load_rgb
@@ -201,18 +200,13 @@ def image_loader(config: ExperimentConfig) -> Any:
     cropped differently by an RGB preset); other datasets use the RGB image. Both apply the config's
     ``data.eval_transform`` preset, exactly as at test time.
     """
+    transform = build_transform(config.data.eval_transform, config.model.backbone, config.data.dataset)
     if config.data.dataset == "kanji_glyphs":
-        transform = build_transform(config.data.eval_transform, config.model.backbone, config.data.dataset)
 
         def load_glyph(path: Path) -> Any:
-            img = load_rgb(path).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE))
-            if transform is not None:
-                return transform(img)
-            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+            return transform(load_rgb(path).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE)))
 
         return load_glyph
-
-    transform = build_transform(config.data.eval_transform, config.model.backbone, config.data.dataset)
 
     def load(path: Path) -> Any:
         return transform(load_rgb(path))
